@@ -1,0 +1,115 @@
+"""Reading webdataset shards (img2dataset's output): input listing and per-sample records.
+
+A sample is the group of consecutive tar members sharing a key (`000123.jpg`,
+`000123.txt`, `000123.json`). Readers stream the tar, so memory stays bounded by one
+sample, and a truncated tar yields everything before the damage.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import braceexpand
+import fsspec
+
+from reco import storage
+from reco.config import ConfigError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class TarSample:
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def image(self) -> bytes | None:
+        return next((self.files[e] for e in IMAGE_EXTENSIONS if e in self.files), None)
+
+    @property
+    def caption(self) -> str | None:
+        if "txt" in self.files:
+            return self.files["txt"].decode("utf-8", errors="replace").strip()
+        meta = self.meta
+        return meta.get("caption") if isinstance(meta.get("caption"), str) else None
+
+    @property
+    def meta(self) -> dict:
+        try:
+            meta = json.loads(self.files.get("json", b"{}"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    @property
+    def url(self) -> str:
+        url = self.meta.get("url")
+        return url if isinstance(url, str) else ""
+
+
+class TruncatedShard(Exception):
+    """The tar ended inside a member; `partial_key` is the sample it cut, if any."""
+
+    def __init__(self, message: str, partial_key: str | None):
+        super().__init__(message)
+        self.partial_key = partial_key
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """`dir/000123.jpg` -> (`dir/000123`, `jpg`): the extension starts at the basename's first dot."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def iter_tar_samples(url: str) -> Iterator[TarSample]:
+    """Samples of one shard, in tar order. Raises TruncatedShard after the last whole sample."""
+    current: TarSample | None = None
+    with fsspec.open(url, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_name(member.name)
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError("unexpected end of data")
+                    if current is not None and current.key != key:
+                        yield current
+                        current = None
+                    if current is None:
+                        current = TarSample(key)
+                    current.files[ext] = data
+        except (tarfile.ReadError, EOFError) as err:
+            # A member cut short loses that sample; the whole ones before it were yielded.
+            raise TruncatedShard(f"truncated tar ({err})",
+                                 current.key if current is not None else None) from None
+    if current is not None:
+        yield current
+
+
+def list_shards(spec: str, key: str = "embed.input") -> list[str]:
+    """The .tar shards named by a folder, a glob, a brace pattern or a single file, sorted."""
+    urls: list[str] = []
+    missing: list[str] = []
+    for pattern in braceexpand.braceexpand(spec):
+        fs, path = storage.filesystem(pattern)
+        if any(c in path for c in "*?["):
+            urls += [storage.full_url(fs, p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
+        elif fs.isdir(path):
+            urls += storage.list_files(pattern, suffix=".tar")
+        elif fs.isfile(path):
+            urls.append(pattern)
+        else:
+            missing.append(pattern)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"{key}: {shown} does not exist")
+    if not urls:
+        raise ConfigError(f"{key}: no .tar shards found at {spec}")
+    return sorted(dict.fromkeys(urls))
