@@ -70,13 +70,13 @@ def _decode(sample: TarSample, preprocess) -> torch.Tensor | str:
 class ShardEmbedder:
     """A Ray Data actor holding one frozen model replica; embeds whole input shards."""
 
-    def __init__(self, cfg_json: str, cpus: float, decode_threads: int):
+    def __init__(self, cfg_json: str, staging: str, cpus: float, decode_threads: int):
         self.cfg = RecoConfig.model_validate_json(cfg_json)
+        self.staging = staging
         torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.clip = load_clip(self.cfg.model, seed=self.cfg.seed, device=self.device)
         self.pool = ThreadPoolExecutor(decode_threads)
-        self.staging = storage.join(self.cfg.workdir, MEMORY_DIR, STAGING_DIR)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats = [self.embed_shard(str(source)).model_dump_json() for source in batch["source"]]
@@ -190,12 +190,12 @@ def _staged_stats(url: str, fingerprint: str) -> InputShardStats | None:
     return InputShardStats.model_validate_json(meta[STATS_KEY])
 
 
-def _check_compatible(previous: MemoryManifest, cfg: RecoConfig, d: int) -> None:
+def _check_compatible(previous: MemoryManifest, cfg: RecoConfig, d: int, out_dir: str) -> None:
     ours = (cfg.model.name, cfg.model.pretrained, d, cfg.embed.dtype)
     theirs = (previous.model, previous.pretrained, previous.d, previous.dtype)
     if ours != theirs:
         raise ConfigError(
-            f"model: {cfg.path(MEMORY_DIR)} holds embeddings of model={previous.model} "
+            f"model: {out_dir} holds embeddings of model={previous.model} "
             f"pretrained={previous.pretrained} d={previous.d} dtype={previous.dtype}, not "
             f"{ours[0]}/{ours[1]}/d={d}/{ours[3]}: appending would mix embedding spaces. "
             "Use the same model, or another workdir.")
@@ -213,20 +213,29 @@ def _replica_resources(cfg: RecoConfig) -> tuple[int, float, float, int]:
 
 
 def embed(cfg: RecoConfig) -> MemoryManifest:
-    """Embed every input shard not yet in the memory; return the memory's manifest."""
+    """`reco embed`: embed every corpus shard not yet in `<workdir>/memory`."""
     sources = list_shards(cfg.embed.input or cfg.path("corpus"))
+    return embed_shards(cfg, sources, cfg.path(MEMORY_DIR))
+
+
+def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str) -> MemoryManifest:
+    """Embed webdataset shards into a memory-format folder (Parquet parts + manifest).
+
+    Shards already recorded in `out_dir`'s manifest are skipped, new ones appended with
+    ids continuing. Evaluation sets use this too, so they are embedded by the same code.
+    """
     validate_model_config(cfg.model)
     d = embed_dim(cfg.model)
-    previous = MemoryManifest.read(cfg.workdir)
+    previous = MemoryManifest.read(out_dir)
     if previous is not None:
-        _check_compatible(previous, cfg, d)
+        _check_compatible(previous, cfg, d, out_dir)
     done = {s.source for s in previous.inputs} if previous else set()
     pending = [s for s in sources if s not in done]
     if not pending:
         log.info("memory is up to date: all %d input shards embedded", len(sources))
         return previous
 
-    staging = cfg.path(MEMORY_DIR, STAGING_DIR)
+    staging = storage.join(out_dir, STAGING_DIR)
     fingerprint = model_fingerprint(cfg)
     staged = {s: _staged_stats(storage.join(staging, staged_name(s)), fingerprint) for s in pending}
     todo = [s for s in pending if staged[s] is None]
@@ -239,7 +248,7 @@ def embed(cfg: RecoConfig) -> MemoryManifest:
         ds = ray.data.from_items([{"source": s} for s in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(
             ShardEmbedder, batch_size=1,
-            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "cpus": cpus_each,
+            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "staging": staging, "cpus": cpus_each,
                                    "decode_threads": threads},
             compute=ray.data.ActorPoolStrategy(size=replicas),
             num_cpus=cpus_each, num_gpus=gpus_each)
@@ -249,14 +258,14 @@ def embed(cfg: RecoConfig) -> MemoryManifest:
                 staged[stats.source] = stats
                 bar.update(1)
                 bar.set_postfix(samples=stats.samples, skipped=stats.skipped.total)
-    return _finalize(cfg, previous, pending, staged, d)
+    return _finalize(cfg, out_dir, previous, pending, staged, d)
 
 
-def _finalize(cfg: RecoConfig, previous: MemoryManifest | None, pending: list[str],
+def _finalize(cfg: RecoConfig, out_dir: str, previous: MemoryManifest | None, pending: list[str],
               staged: dict[str, InputShardStats], d: int) -> MemoryManifest:
     manifest = previous or MemoryManifest(model=cfg.model.name, pretrained=cfg.model.pretrained,
                                           model_config_file=cfg.model.config, d=d, dtype=cfg.embed.dtype)
-    staging = cfg.path(MEMORY_DIR, STAGING_DIR)
+    staging = storage.join(out_dir, STAGING_DIR)
     schema = memory_schema(d, cfg.embed.dtype)
     jobs = []
     for source in pending:
@@ -268,14 +277,14 @@ def _finalize(cfg: RecoConfig, previous: MemoryManifest | None, pending: list[st
         name = f"part-{len(manifest.shards):05d}.parquet"
         manifest.shards.append(MemoryShard(path=name, rows=stats.written, id_start=manifest.total_rows,
                                            id_end=manifest.total_rows + stats.written, source=source))
-        jobs.append((storage.join(staging, staged_name(source)), cfg.path(MEMORY_DIR, name),
+        jobs.append((storage.join(staging, staged_name(source)), storage.join(out_dir, name),
                      manifest.total_rows))
         manifest.total_rows += stats.written
     if jobs:
         init_ray()
         ray.get([_finalize_shard.remote(*job, schema) for job in jobs])
-    manifest.write(cfg.workdir)  # last: its presence means the parts above are complete
+    manifest.write(out_dir)  # last: its presence means the parts above are complete
     storage.remove(staging, recursive=True)
-    log.info("memory: %d rows in %d shards (%d skipped) at %s", manifest.total_rows,
-             len(manifest.shards), manifest.skipped.total, cfg.path(MEMORY_DIR))
+    log.info("%s: %d rows in %d shards (%d skipped)", out_dir, manifest.total_rows,
+             len(manifest.shards), manifest.skipped.total)
     return manifest

@@ -101,14 +101,15 @@ class MemoryManifest(BaseModel):
     skipped: SkipStats = Field(default_factory=SkipStats)
 
     @classmethod
-    def read(cls, workdir: str) -> "MemoryManifest | None":
-        url = storage.join(workdir, MEMORY_DIR, MANIFEST)
+    def read(cls, folder: str) -> "MemoryManifest | None":
+        """The manifest of a memory-format folder (e.g. `<workdir>/memory`), None if unfinished."""
+        url = storage.join(folder, MANIFEST)
         if not storage.exists(url):
             return None
         return cls.model_validate(storage.read_json(url))
 
-    def write(self, workdir: str) -> None:
-        storage.write_json_atomic(storage.join(workdir, MEMORY_DIR, MANIFEST), self.model_dump(mode="json"))
+    def write(self, folder: str) -> None:
+        storage.write_json_atomic(storage.join(folder, MANIFEST), self.model_dump(mode="json"))
 
-    def shard_urls(self, workdir: str) -> list[str]:
-        return [storage.join(workdir, MEMORY_DIR, s.path) for s in self.shards]
+    def shard_urls(self, folder: str) -> list[str]:
+        return [storage.join(folder, s.path) for s in self.shards]

@@ -1,0 +1,84 @@
+"""Shared fixtures: one local Ray per session, a seeded reco-tiny checkpoint, a synthetic corpus.
+
+Everything runs offline on 127.0.0.1: no model hub, no internet.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from reco import synthetic  # noqa: E402
+from reco.config import RecoConfig, config_from_dict  # noqa: E402
+from reco.models import register_model_configs  # noqa: E402
+
+
+def start_local_ray() -> None:
+    """The one local Ray of the test session (tests that need another cluster restore it)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@pytest.fixture
+def ray_local():
+    start_local_ray()
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A reco-tiny state dict saved as a checkpoint file (seeded, so the same every run)."""
+    import open_clip
+
+    register_model_configs()
+    torch.manual_seed(1234)
+    model = open_clip.create_model("reco-tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "reco-tiny.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> str:
+    """3 webdataset shards x 40 synthetic pairs (fine captions)."""
+    out = tmp_path_factory.mktemp("corpus")
+    synthetic.write_webdataset(synthetic.make_samples(120, seed=3), str(out), samples_per_shard=40)
+    return str(out)
+
+
+def make_config(workdir: str | Path, **sections: Any) -> RecoConfig:
+    """A RecoConfig for tests: reco-tiny, small batches, plus the given sections."""
+    data: dict[str, Any] = {"workdir": str(workdir), "embed": {"batch_size": 16}}
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(name), dict):
+            data[name] = {**data[name], **value}
+        else:
+            data[name] = value
+    return config_from_dict(data)
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_checkpoint, corpus_dir) -> RecoConfig:
+    """A workdir config: reco-tiny from the checkpoint file, embedding `corpus_dir`."""
+    return make_config(tmp_path / "work", model={"name": "reco-tiny", "pretrained": tiny_checkpoint},
+                       embed={"input": corpus_dir})
