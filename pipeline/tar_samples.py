@@ -76,14 +76,13 @@ def iter_tar_samples(url: str) -> Iterator[TarSample]:
                     if not member.isfile():
                         continue
                     key, ext = _split_name(member.name)
+                    if current is not None and current.key != key:
+                        yield current
+                    if current is None or current.key != key:
+                        current = TarSample(key)
                     data = tar.extractfile(member).read()
                     if len(data) != member.size:
                         raise tarfile.ReadError("unexpected end of data")
-                    if current is not None and current.key != key:
-                        yield current
-                        current = None
-                    if current is None:
-                        current = TarSample(key)
                     current.files[ext] = data
         except (tarfile.ReadError, EOFError) as err:
             # A member cut short loses that sample; the whole ones before it were yielded.

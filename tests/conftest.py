@@ -82,3 +82,26 @@ def tiny_config(tmp_path, tiny_checkpoint, corpus_dir) -> RecoConfig:
     """A workdir config: reco-tiny from the checkpoint file, embedding `corpus_dir`."""
     return make_config(tmp_path / "work", model={"name": "reco-tiny", "pretrained": tiny_checkpoint},
                        embed={"input": corpus_dir})
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> str:
+    """An S3 bucket on a moto server at 127.0.0.1, visible to Ray workers too.
+
+    s3fs reads AWS_ENDPOINT_URL from the environment, which Ray workers inherit only from
+    the process that starts Ray: so Ray is (re)started after the variables are set.
+    """
+    from moto.server import ThreadedMotoServer
+    import fsspec
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    if ray.is_initialized():
+        ray.shutdown()
+    start_local_ray()
+    fsspec.filesystem("s3").mkdir("reco-test")
+    yield "s3://reco-test"
+    server.stop()
