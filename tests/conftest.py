@@ -29,7 +29,7 @@ from reco.models import register_model_configs  # noqa: E402
 def start_local_ray() -> None:
     """The one local Ray of the test session (tests that need another cluster restore it)."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
 

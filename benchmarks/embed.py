@@ -1,0 +1,85 @@
+"""`reco embed` end to end against bare open_clip forward on the same pairs.
+
+Ours: tar shards -> read, decode, preprocess, tokenize, encode, write Parquet (+ ids,
+manifest), on a local Ray cluster. Bare: `encode_image` + `encode_text` on the same
+images already decoded and preprocessed, the same captions already tokenized, the same
+model and batch size. Repeats alternate; the ratio of medians is printed last.
+
+    python benchmarks/embed.py [--pairs 512] [--model ViT-B-32] [--batch-size 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.embed import embed  # noqa: E402
+from reco import synthetic  # noqa: E402
+from reco.cluster import init_ray  # noqa: E402
+from reco.config import config_from_dict  # noqa: E402
+from reco.models import load_clip  # noqa: E402
+
+
+def bare_forward(clip, images: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> float:
+    """Seconds for encode_image + encode_text over all pairs, batch by batch."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            clip.model.encode_image(images[i:i + batch_size], normalize=True)
+            clip.model.encode_text(tokens[i:i + batch_size], normalize=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--shard-size", type=int, default=128)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--image-size", type=int, default=256, help="stored size (img2dataset default)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    root = tempfile.mkdtemp(prefix="reco-bench-embed-")
+    samples = list(synthetic.make_samples(args.pairs, seed=0, image_size=args.image_size))
+    synthetic.write_webdataset(samples, f"{root}/corpus", args.shard_size)
+    base = {"model": {"name": args.model}, "embed": {"input": f"{root}/corpus", "batch_size": args.batch_size}}
+
+    init_ray()
+    cpus = int(ray.cluster_resources()["CPU"])
+    torch.set_num_threads(cpus)  # what the embedding replica uses on a CPU-only cluster
+    clip = load_clip(config_from_dict({"workdir": root, **base}).model)
+    images = torch.stack([clip.preprocess(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in samples])
+    tokens = clip.tokenizer([s.caption for s in samples])
+    bare_forward(clip, images[:args.batch_size], tokens[:args.batch_size], args.batch_size)  # warm-up
+
+    ours_rates, bare_rates = [], []
+    for r in range(args.repeats):
+        cfg = config_from_dict({"workdir": f"{root}/work-{r}", **base})
+        start = time.perf_counter()
+        manifest = embed(cfg)
+        ours = time.perf_counter() - start
+        assert manifest.total_rows == args.pairs
+        bare = bare_forward(clip, images, tokens, args.batch_size)
+        ours_rates.append(args.pairs / ours)
+        bare_rates.append(args.pairs / bare)
+        print(f"repeat {r}: reco embed {ours_rates[-1]:.1f} pairs/s, bare forward {bare_rates[-1]:.1f} pairs/s")
+    ours, bare = statistics.median(ours_rates), statistics.median(bare_rates)
+    print(f"{args.model}, {args.pairs} pairs, batch {args.batch_size}, {cpus} CPUs: "
+          f"reco embed {ours:.1f} pairs/s (median), bare open_clip forward {bare:.1f} pairs/s")
+    print(f"embed: {ours / bare:.2f} of bare open_clip forward")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Model sources (custom config JSON, checkpoint URL, offline tag) and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reco.cli import main
+from reco.config import ConfigError, ModelConfig
+from reco.models import MODEL_CONFIG_DIR, ModelLoadError, load_clip
+
+
+def test_custom_model_config_json(tmp_path):
+    arch = json.loads((MODEL_CONFIG_DIR / "reco-tiny.json").read_text())
+    arch["embed_dim"] = 32
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(arch))
+    clip = load_clip(ModelConfig(name="my-arch", config=str(path)))
+    assert clip.embed_dim == 32
+    with torch.no_grad():
+        out = clip.model.encode_text(clip.tokenizer(["a photo of a ronlo"]))
+    assert out.shape == (1, 32)
+
+
+def test_bad_model_config_json(tmp_path):
+    with pytest.raises(ConfigError, match="model.config: .* does not exist"):
+        load_clip(ModelConfig(name="my-arch", config=str(tmp_path / "nope.json")))
+    (tmp_path / "bad.json").write_text('{"embed_dim": 8}')
+    with pytest.raises(ConfigError, match="model.config: .*lacks"):
+        load_clip(ModelConfig(name="my-arch", config=str(tmp_path / "bad.json")))
+
+
+def test_checkpoint_from_url_equals_local_file(tmp_path, tiny_checkpoint, s3_bucket):
+    import fsspec
+
+    fsspec.filesystem("s3").put(tiny_checkpoint, f"{s3_bucket}/weights/reco-tiny.pt")
+    remote = load_clip(ModelConfig(pretrained=f"{s3_bucket}/weights/reco-tiny.pt"))
+    local = load_clip(ModelConfig(pretrained=tiny_checkpoint))
+    for (name, a), b in zip(remote.model.state_dict().items(), local.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_pretrained_weights_fail_fast_offline():
+    with pytest.raises(ModelLoadError, match=r"model.pretrained=/path/or/s3://"):
+        load_clip(ModelConfig(name="RN50", pretrained="openai"))
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"workdir: {tmp_path / 'w'}\nembed: {{input: {tmp_path / 'missing'}}}\n")
+    assert main(["embed", str(config)]) == 2
+    assert "embed.input:" in capsys.readouterr().err
+    assert main(["embed", str(config), "embed.batchsize=3"]) == 2
+    assert "did you mean embed.batch_size?" in capsys.readouterr().err
+    assert main(["embed", str(config), "nokey"]) == 2
+    assert "expected dotted.key=value" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_help_lists_stages(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("embed", "run", "demo"):
+        assert command in out
