@@ -178,9 +178,7 @@ def _finalize_shard(staged_url: str, part_url: str, id_start: int, schema: pa.Sc
 
 
 def _staged_stats(url: str, fingerprint: str) -> InputShardStats | None:
-    """The stats of a finished staged file, or None if absent or from another model."""
-    if not storage.exists(url):
-        return None
+    """The stats of a finished staged file, or None if it is from another model."""
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as f:
         meta = pq.read_schema(f).metadata or {}
@@ -188,6 +186,15 @@ def _staged_stats(url: str, fingerprint: str) -> InputShardStats | None:
         log.warning("%s was embedded with another model config; embedding it again", url)
         return None
     return InputShardStats.model_validate_json(meta[STATS_KEY])
+
+
+def _find_staged(staging: str, sources: list[str], fingerprint: str) -> dict[str, InputShardStats | None]:
+    """Stats of the sources already staged: one listing, then the footers read in parallel."""
+    present = {url.rsplit("/", 1)[-1] for url in storage.list_files(staging, ".parquet")}
+    found = [s for s in sources if staged_name(s) in present]
+    with ThreadPoolExecutor(16) as pool:
+        stats = pool.map(lambda s: _staged_stats(storage.join(staging, staged_name(s)), fingerprint), found)
+        return {**dict.fromkeys(sources), **dict(zip(found, stats))}
 
 
 def _check_compatible(previous: MemoryManifest, cfg: RecoConfig, d: int, out_dir: str) -> None:
@@ -237,7 +244,7 @@ def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str) -> MemoryMan
 
     staging = storage.join(out_dir, STAGING_DIR)
     fingerprint = model_fingerprint(cfg)
-    staged = {s: _staged_stats(storage.join(staging, staged_name(s)), fingerprint) for s in pending}
+    staged = _find_staged(staging, pending, fingerprint)
     todo = [s for s in pending if staged[s] is None]
     log.info("%d input shards: %d in memory, %d staged, %d to embed",
              len(sources), len(done), len(pending) - len(todo), len(todo))
