@@ -221,7 +221,7 @@ def _replica_resources(cfg: RecoConfig) -> tuple[int, float, float, int]:
 
 def embed(cfg: RecoConfig) -> MemoryManifest:
     """`reco embed`: embed every corpus shard not yet in `<workdir>/memory`."""
-    sources = list_shards(cfg.embed.input or cfg.path("corpus"))
+    sources = list_shards(cfg.embed.input or cfg.download.output or cfg.path("corpus"))
     return embed_shards(cfg, sources, cfg.path(MEMORY_DIR))
 
 

@@ -18,7 +18,11 @@ from reco.models import ModelLoadError
 
 # Stage name -> "module:function", in pipeline order. Imported lazily: `reco --help` stays fast.
 STAGES: dict[str, tuple[str, str]] = {
+    "download": ("pipeline.download:download", "download a URL list's images into webdataset corpus shards"),
     "embed": ("pipeline.embed:embed", "embed corpus shards into the Parquet memory"),
+    "index": ("indexing.build:build_index", "build or update the sharded faiss indices of the memory"),
+    "neighbors": ("indexing.neighbors:neighbors", "precompute each training pair's k neighbours per modality"),
+    "train": ("training.train:train", "train the fusion modules (RECO loss) on Ray Train"),
 }
 
 

@@ -34,24 +34,38 @@ class ModelConfig(Section):
 
 class DownloadConfig(Section):
     url_list: str | None = None
-    """Parquet, CSV or TSV file(s) with url and caption columns (any fsspec URL)."""
-    input_format: Literal["parquet", "csv", "tsv", "txt", "json"] = "parquet"
+    """A Parquet, CSV or TSV file, or a folder of them, with url and caption columns (any
+    fsspec URL)."""
+    input_format: Literal["parquet", "csv", "tsv"] = "parquet"
+    """The url list's format; a folder's files are those ending in `.<input_format>`."""
     url_col: str = "url"
     caption_col: str = "caption"
+    save_additional_columns: list[str] = []
+    """Further url-list columns copied into each sample's .json (e.g. a label)."""
     output: str | None = None
-    """Default `<workdir>/corpus`."""
+    """Default `<workdir>/corpus` (where `reco embed` reads by default)."""
+    incremental_mode: Literal["incremental", "overwrite"] = "incremental"
+    """`incremental` keeps the finished shards and downloads the rest; `overwrite` deletes
+    the output folder first."""
     image_size: int = Field(256, gt=0)
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
-    processes_count: int = Field(1, gt=0)
-    thread_count: int = Field(16, gt=0)
+    processes_count: int | None = Field(None, gt=0)
+    """Shards downloaded at once, each a Ray task of one CPU; default: the cluster's CPUs."""
+    thread_count: int = Field(64, gt=0)
+    """Concurrent HTTP requests per shard (downloads wait on the network, not the CPU)."""
     number_sample_per_shard: int = Field(10000, gt=0)
     timeout: float = Field(10.0, gt=0)
+    """Seconds before a request is abandoned (counted as a failure)."""
     retries: int = Field(0, ge=0)
+    """Further attempts at a URL that failed to download."""
     user_agent_token: str | None = None
+    """Added to the User-Agent; X-Robots-Tag directives aimed at this token are honoured."""
     disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
     """Opt-out X-Robots-Tag directives honoured; an empty list ignores them."""
     min_image_size: int = Field(0, ge=0)
+    """Images whose shorter side is below this are counted as failures ("image too small")."""
     max_shard_retry: int = Field(2, ge=0)
+    """Further attempts at a shard whose task failed (a crashed worker, a write error)."""
 
 
 class EmbedConfig(Section):
@@ -74,30 +88,111 @@ class EmbedConfig(Section):
 
 class IndexConfig(Section):
     shards: int = Field(1, gt=0)
+    """Index files per modality; each is searched by its own actor with `distributed` search."""
     key: str | None = None
-    """An explicit faiss index factory key; default: autofaiss chooses for max_memory."""
+    """An explicit faiss index factory key (an IVF key, or `Flat`); default: autofaiss
+    chooses a memory-mappable key for max_memory and the memory's size."""
     max_memory: str = "4GB"
     """Memory budget per modality for autofaiss's index selection."""
+    index_param: str | None = None
+    """Search hyperparameters, e.g. `nprobe=64`; default: autofaiss tunes them for
+    max_query_time_ms on the built index."""
+    max_query_time_ms: float = Field(10.0, gt=0)
+    """Per-query time bound autofaiss's tuning aims for (it keeps >= 99% of 20 neighbours)."""
+    train_size: int | None = Field(None, gt=0)
+    """Rows sampled at random to train the index; default autofaiss's size for the key."""
+    recall_queries: int = Field(1000, gt=0)
+    """Held-out memory rows whose recall@10 against exact search the manifest reports."""
+    growth_warning: float = Field(4.0, gt=1)
+    """Warn when the memory has grown past this multiple of the rows the index was trained on."""
     use_gpu: bool = False
+    """Train and search on GPUs where faiss-gpu sees them (one GPU per shard actor)."""
     retrain: bool = False
+    """When the memory has new shards: retrain on a fresh sample and rebuild every shard,
+    instead of adding the new shards to the trained index."""
     metric: Literal["ip"] = "ip"
 
 
 class NeighborsConfig(Section):
     k: int = Field(10, gt=0)
+    """Neighbours kept per query and modality."""
     dedup_threshold: float = Field(0.95, gt=0, le=1.0)
+    """Memory pairs whose image has a cosine above this with the query's image are dropped."""
     split: str = "train"
+    """The output folder `<workdir>/neighbors/<split>/` (training reads `train.split`)."""
     input: str | None = None
-    """Memory-format Parquet of the query pairs; default: the memory itself."""
+    """Memory-format folder (Parquet parts + _manifest.json) of the query pairs; default: the
+    memory itself, whose pairs then also drop themselves from their neighbours by id."""
+    margin: int = Field(10, ge=0)
+    """Extra neighbours searched for so that k remain after dropping duplicates; widened
+    (doubled) for the queries that still lack k."""
+    batch_size: int = Field(4096, gt=0)
+    """Queries per search call."""
+    num_actors: int | None = Field(None, gt=0)
+    """Searchers (each holds the index); default one per GPU, else one per 4 CPUs."""
 
 
 class TrainConfig(Section):
     num_workers: int = Field(1, gt=0)
+    """Ray Train workers (data-parallel replicas; gradients all-reduced)."""
     use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    retrieval: bool = True
+    """False trains the same modules with k=0 (no memory): the control, written to
+    `train/model-noretrieval/`."""
+    split: str = "train"
+    """The neighbour split trained on: `<workdir>/neighbors/<split>/`."""
+    batch_size: int = Field(1024, gt=0)
+    """Global batch (split evenly over the workers; the loss sees all of it)."""
+    epochs: int = Field(10, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    """Linear warmup, then cosine decay to 0 at the last step."""
+    weight_decay: float = Field(0.1, ge=0)
+    heads: int = Field(8, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    """Steps between checkpoints in `<workdir>/train/` (the last step always writes one)."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Autocast dtype on GPU; CPU always runs fp32."""
+    shuffle_buffer: int = Field(10000, ge=0)
+    """Rows in each worker's local shuffle buffer (re-seeded every epoch); 0: file order."""
+    log_every: int = Field(1, gt=0)
+
+
+class EvalDataset(Section):
+    """One evaluation set: where its images come from, and what is measured on it."""
+    name: str
+    """The report's name for it; for kind `clip_benchmark`, clip_benchmark's dataset name
+    (e.g. `cars`, `flowers`, `imagenet1k`, `vtab/cub`, `mscoco_captions`)."""
+    kind: Literal["imagefolder", "webdataset", "clip_benchmark"]
+    """`imagefolder`: a folder with one sub-folder of images per class (torchvision layout);
+    `webdataset`: shards with an image, a caption (.txt) and for classification a `label`
+    in the .json; `clip_benchmark`: built (and downloaded) by clip_benchmark."""
+    path: str | None = None
+    """The ImageFolder root, the shards (folder, glob or brace pattern), or clip_benchmark's
+    download root (default `<workdir>/eval/_downloads`)."""
+    task: Literal["classification", "retrieval"] = "classification"
+    """Zero-shot classification (top-1/top-5) or image<->text retrieval (recall@1/5/10)."""
+    split: str = "test"
+    """The split clip_benchmark builds."""
+    classnames: list[str] | dict[str, str] | str | None = None
+    """Class names: a list in label order (for an ImageFolder: sorted folder order), a
+    mapping folder -> name (ImageFolder), or a .txt (one per line) / .json file. Default:
+    the folder names (ImageFolder), clip_benchmark's own (clip_benchmark)."""
+    templates: list[str] | str | None = None
+    """Prompt templates with `{c}` for the class name, or a clip_benchmark dataset name whose
+    bundled templates to use. Default: clip_benchmark's templates for `name` if bundled,
+    else imagenet1k's."""
 
 
 class EvaluateConfig(Section):
-    datasets: list[Any] = []
+    datasets: list[EvalDataset] = []
+    """The evaluation sets, each evaluated with the frozen CLIP and with RECO."""
+    k: int | None = Field(None, gt=0)
+    """Neighbours retrieved per query; default: the k the fusion model was trained with."""
+    batch_size: int = Field(256, gt=0)
+    """Texts (class prompts, captions) encoded per forward pass."""
 
 
 class RecoConfig(Section):
