@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "index": ("indexing.build:build_index", "build or update the sharded faiss indices of the memory"),
     "neighbors": ("indexing.neighbors:neighbors", "precompute each training pair's k neighbours per modality"),
     "train": ("training.train:train", "train the fusion modules (RECO loss) on Ray Train"),
+    "evaluate": ("evaluation.evaluate:evaluate", "zero-shot classification and retrieval, frozen CLIP vs RECO"),
 }
 
 

@@ -1,0 +1,136 @@
+"""Benchmark `reco index` against bare autofaiss and bare faiss on the same memory.
+
+    python benchmarks/index.py [--rows 200000] [--d 512] [--key IVF2048,Flat] [--repeats 3]
+
+Writes a memory of clustered, embedding-like float16 vectors (memory format, 20 shards),
+then, each repeat:
+- build: `build_index(cfg)` (both modalities, on Ray) vs autofaiss `build_index` on the
+  same Parquet folder with the same key, once per modality, in this process;
+- recall@10 of `Memory.search` against exact (brute-force) search on fresh queries;
+- search QPS: `Memory.search` vs `index.search` of bare faiss on the same index file,
+  same nprobe, same queries (one batch of 2k).
+Medians are printed; the last line is the build ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+from autofaiss import build_index as autofaiss_build_index  # noqa: E402
+
+from indexing.build import build_index, recall_at_k  # noqa: E402
+from indexing.memory import Memory, index_folder  # noqa: E402
+from reco.config import config_from_dict  # noqa: E402
+from reco.schema import MemoryManifest, MemoryShard, embedding_array, memory_schema  # noqa: E402
+
+
+def clustered(n: int, d: int, seed: int, clusters: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).standard_normal((clusters, d)).astype(np.float32)
+    labels = rng.integers(0, clusters, n)
+    image = centres[labels] + 0.6 * rng.standard_normal((n, d), dtype=np.float32)
+    text = image + 0.3 * rng.standard_normal((n, d), dtype=np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    return image, text
+
+
+def write_memory(folder: Path, image: np.ndarray, text: np.ndarray, shards: int) -> None:
+    folder.mkdir(parents=True)
+    manifest = MemoryManifest(model="bench", pretrained=None, d=image.shape[1], dtype="float16")
+    for j, (lo, hi) in enumerate(zip(*[np.linspace(0, len(image), shards + 1, dtype=int)[s] for s in (slice(None, -1), slice(1, None))])):
+        ids = np.arange(lo, hi)
+        table = pa.table({"id": pa.array(ids, pa.int64()), "key": ids.astype(str), "caption": ids.astype(str),
+                          "url": ids.astype(str), "image_embedding": embedding_array(image[lo:hi]),
+                          "text_embedding": embedding_array(text[lo:hi])}, schema=memory_schema(image.shape[1]))
+        name = f"part-{j:05d}.parquet"
+        pq.write_table(table, folder / name)
+        manifest.shards.append(MemoryShard(path=name, rows=int(hi - lo), id_start=int(lo), id_end=int(hi), source=name))
+    manifest.total_rows = len(image)
+    manifest.write(str(folder))
+
+
+def time_ours(root: Path, memory: Path, key: str, repeat: int) -> tuple[float, str]:
+    work = root / f"ours-{repeat}"
+    work.mkdir()
+    os.symlink(memory, work / "memory")
+    cfg = config_from_dict({"workdir": str(work), "index": {"key": key}})
+    t = time.perf_counter()
+    build_index(cfg)
+    return time.perf_counter() - t, str(work)
+
+
+def time_bare(root: Path, memory: Path, key: str, repeat: int) -> float:
+    t = time.perf_counter()
+    for modality in ("image", "text"):
+        autofaiss_build_index(str(memory), file_format="parquet", embedding_column_name=f"{modality}_embedding",
+                              index_path=str(root / f"bare-{repeat}-{modality}.index"),
+                              index_infos_path=str(root / f"bare-{repeat}-{modality}.json"),
+                              index_key=key, max_index_memory_usage="4GB", current_memory_available="16GB",
+                              should_be_memory_mappable=True, verbose=logging.WARNING)
+    return time.perf_counter() - t
+
+
+def qps(search, queries: np.ndarray, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        search(queries)
+        times.append(time.perf_counter() - t)
+    return len(queries) / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--key", default="IVF2048,Flat", help="autofaiss's memory-mappable choice for 200k rows")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        image, text = clustered(args.rows, args.d, seed=1)
+        write_memory(root / "memory", image, text, shards=20)
+        ours, bare, work = [], [], None
+        for r in range(args.repeats):
+            seconds, work = time_ours(root, root / "memory", args.key, r)
+            ours.append(seconds)
+            bare.append(time_bare(root, root / "memory", args.key, r))
+            print(f"repeat {r}: ours {seconds:.1f}s, bare autofaiss {bare[-1]:.1f}s", flush=True)
+        memory = Memory.open(work)
+        manifest = memory.manifests["image"]
+        queries = clustered(2_000, args.d, seed=2)[0]
+        exact = faiss.IndexFlatIP(args.d)
+        exact.add(image.astype(np.float16).astype(np.float32))
+        _, truth = exact.search(queries[:1000], 10)
+        _, found = memory.search(queries[:1000], 10, "image")
+        bare_index = faiss.read_index(str(Path(index_folder(work, "image")) / manifest.shards[0].path), faiss.IO_FLAG_MMAP)
+        faiss.ParameterSpace().set_index_parameters(bare_index, manifest.index_param)
+        ours_qps = qps(lambda q: memory.search(q, 10, "image"), queries)
+        bare_qps = qps(lambda q: bare_index.search(q, 10), queries)
+        print(f"rows {args.rows} x d {args.d}, key {manifest.key}, search {manifest.index_param}")
+        print(f"recall@10 vs exact: {recall_at_k(found, truth):.4f} (manifest, held-out: {manifest.recall_at_10:.4f})")
+        print(f"search: {ours_qps:.0f} q/s vs bare faiss {bare_qps:.0f} q/s: {ours_qps / bare_qps:.2f}x of bare faiss")
+        print(f"index build: {statistics.median(ours):.1f}s vs {statistics.median(bare):.1f}s: "
+              f"{statistics.median(ours) / statistics.median(bare):.2f}x of bare autofaiss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Searching the memory: the index shards of `<workdir>/index/{image,text}/`, merged by score.
+
+`Memory.open(workdir)` reads the two modality manifests (written last by `reco index`)
+and loads every index shard, memory-mapped where the index type allows, beside the
+embedding copies of the memory shards it covers (`embeddings/part-*.npy`, row = id -
+id_start). A `ShardServer` holds one index shard of both modalities and answers search
+and fetch for the ids it covers; locally the servers are plain objects, with
+`distributed=True` they are Ray actors spread over the cluster's nodes. Search asks
+every shard for its k best and merges them by score; fetch routes each id to the shard
+that holds it, so gathering costs one memory-mapped row read per id.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from typing import Literal
+
+import faiss
+import numpy as np
+import ray
+from autofaiss.indices.index_utils import set_search_hyperparameters
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, Field
+
+from reco import storage
+from reco.schema import MANIFEST, SkipStats
+
+log = logging.getLogger(__name__)
+
+Modality = Literal["image", "text"]
+MODALITIES: tuple[Modality, Modality] = ("image", "text")
+INDEX_DIR = "index"
+EMBEDDINGS_DIR = "embeddings"
+
+
+class MemoryIndexError(RuntimeError):
+    """An index that cannot be built or opened as it stands; the message names the file."""
+
+
+class CoveredShard(BaseModel):
+    """A memory shard whose vectors an index shard holds, and its embedding copy."""
+    path: str
+    """Memory shard file name under `<workdir>/memory/`."""
+    rows: int
+    id_start: int
+    id_end: int
+    embeddings: str
+    """The `.npy` copy of its embeddings, relative to the modality folder."""
+
+
+class IndexShard(BaseModel):
+    path: str
+    """Index file name, relative to the modality folder."""
+    ntotal: int
+    bytes: int
+    """File size: a shorter file on disk is a truncated copy."""
+    memory_shards: list[CoveredShard]
+
+
+class IndexManifest(BaseModel):
+    """`<workdir>/index/<modality>/_manifest.json`: what the index holds; written last."""
+    modality: Modality
+    key: str
+    """The faiss index factory key (chosen by autofaiss unless `index.key` names one)."""
+    index_param: str
+    """Search hyperparameters (nprobe, efSearch...) set on every shard at load time."""
+    metric: str
+    d: int
+    generation: int
+    """Bumped by every build that changes the index; both modalities carry the same one."""
+    train_id: str
+    trained_on_rows: int
+    """Memory rows when the index was trained; the sample was drawn from these."""
+    train_sample: int
+    memory_model: str
+    memory_pretrained: str | None
+    shards: list[IndexShard]
+    total_rows: int
+    """Memory rows covered (ids 0..total_rows-1); skipped rows are in no shard."""
+    ntotal: int
+    skipped: SkipStats = Field(default_factory=SkipStats)
+    recall_at_10: float | None
+    """Mean recall@10 of the sharded search against exact search, on held-out queries."""
+    recall_queries: int
+    exact: str
+    """The exact top-10 of the recall queries over the covered memory (`.npz`)."""
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: str) -> "IndexManifest | None":
+        url = storage.join(folder, MANIFEST)
+        if not storage.exists(url):
+            return None
+        return cls.model_validate(storage.read_json(url))
+
+    def write(self, folder: str) -> None:
+        storage.write_json_atomic(storage.join(folder, MANIFEST), self.model_dump(mode="json"))
+
+
+def index_folder(workdir: str, modality: str) -> str:
+    return storage.join(workdir, INDEX_DIR, modality)
+
+
+def _local_path(url: str) -> str | None:
+    """The path of a local file (which can be memory-mapped), None on an object store."""
+    fs, path = storage.filesystem(url)
+    return path if isinstance(fs, LocalFileSystem) else None
+
+
+def write_index(index: faiss.Index, url: str) -> int:
+    """Write atomically (temp + rename, or one PUT); returns the file size."""
+    data = faiss.serialize_index(index)
+    storage.write_bytes_atomic(url, data.tobytes())
+    return int(data.size)
+
+
+def read_index(url: str, expected_bytes: int | None = None, mmap: bool = False) -> faiss.Index:
+    """Load an index file, memory-mapped when local and asked; a short or unreadable file
+    is an error naming it (faiss alone would crash or read garbage)."""
+    fs, path = storage.filesystem(url)
+    if not fs.exists(path):
+        raise MemoryIndexError(f"index file {url} is missing; re-run `reco index` to rebuild it")
+    size = fs.size(path)
+    if expected_bytes is not None and size != expected_bytes:
+        raise MemoryIndexError(f"index file {url} has {size} bytes, the manifest says {expected_bytes}: "
+                          "it is truncated or was replaced; re-run `reco index`")
+    local = _local_path(url)
+    try:
+        if local is not None:
+            return faiss.read_index(local, faiss.IO_FLAG_MMAP if mmap else 0)
+        with fs.open(path, "rb") as f:
+            return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+    except RuntimeError as err:
+        raise MemoryIndexError(f"index file {url} cannot be read ({str(err).splitlines()[0]}); "
+                          "re-run `reco index` to rebuild it") from None
+
+
+def load_npy(url: str) -> np.ndarray:
+    """Memory-mapped when local (rows are read on demand), else read into RAM."""
+    local = _local_path(url)
+    if not storage.exists(url):
+        raise MemoryIndexError(f"embedding file {url} is missing; re-run `reco index`")
+    try:
+        if local is not None:
+            return np.load(local, mmap_mode="r")
+        fs, path = storage.filesystem(url)
+        with fs.open(path, "rb") as f:
+            return np.load(io.BytesIO(f.read()))
+    except ValueError as err:
+        raise MemoryIndexError(f"embedding file {url} cannot be read ({err}); re-run `reco index`") from None
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class ShardServer:
+    """One index shard of both modalities, with the embeddings of the memory shards it covers."""
+
+    def __init__(self, workdir: str, shard: dict[str, dict], index_param: dict[str, str],
+                 use_gpu: bool = False, gpu: int = 0, threads: int | None = None):
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        self.on_gpu = use_gpu and gpu_available()
+        self._gpu_res = faiss.StandardGpuResources() if self.on_gpu else None
+        self.index: dict[str, faiss.Index] = {}
+        self.starts: dict[str, np.ndarray] = {}
+        self.embeddings: dict[str, list[np.ndarray]] = {}
+        for modality, spec in shard.items():
+            folder = index_folder(workdir, modality)
+            spec = IndexShard.model_validate(spec)
+            index = read_index(storage.join(folder, spec.path), spec.bytes, mmap=not self.on_gpu)
+            if index.ntotal != spec.ntotal:
+                raise MemoryIndexError(f"index file {storage.join(folder, spec.path)} holds {index.ntotal} "
+                                  f"vectors, the manifest says {spec.ntotal}; re-run `reco index`")
+            if self.on_gpu:
+                index = faiss.index_cpu_to_gpu(self._gpu_res, gpu, index)
+            if index_param[modality]:
+                set_search_hyperparameters(index, index_param[modality], self.on_gpu)
+            self.index[modality] = index
+            covered = sorted(spec.memory_shards, key=lambda s: s.id_start)
+            self.starts[modality] = np.array([s.id_start for s in covered], dtype=np.int64)
+            self.embeddings[modality] = [self._embeddings(folder, s) for s in covered]
+
+    @staticmethod
+    def _embeddings(folder: str, covered: CoveredShard) -> np.ndarray:
+        url = storage.join(folder, covered.embeddings)
+        array = load_npy(url)
+        if array.shape[0] != covered.rows:
+            raise MemoryIndexError(f"embedding file {url} has {array.shape[0]} rows, the manifest says "
+                              f"{covered.rows}; re-run `reco index`")
+        return array
+
+    def search(self, queries: np.ndarray, k: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.index[modality].search(queries, k)
+
+    def fetch(self, ids: np.ndarray, modality: str) -> np.ndarray:
+        """Embeddings (len(ids), d) float32 of ids this shard covers."""
+        starts, arrays = self.starts[modality], self.embeddings[modality]
+        part = np.searchsorted(starts, ids, side="right") - 1
+        out = np.empty((len(ids), arrays[0].shape[1]), dtype=np.float32)
+        for p in np.unique(part):
+            rows = part == p
+            local = ids[rows] - starts[p]
+            order = np.argsort(local)  # ascending reads from the memory map
+            gathered = np.empty((len(local), out.shape[1]), dtype=np.float32)
+            gathered[order] = arrays[p][local[order]]
+            out[rows] = gathered
+        return out
+
+
+class Memory:
+    """The external memory: sharded image and text indices plus embedding lookup by id."""
+
+    def __init__(self, workdir: str, manifests: dict[str, IndexManifest], servers: list,
+                 distributed: bool):
+        self.workdir = workdir
+        self.manifests = manifests
+        self.d = manifests["image"].d
+        self.ntotal = manifests["image"].total_rows
+        """Memory pairs covered: ids 0..ntotal-1."""
+        self.distributed = distributed
+        self._servers = servers
+        # Which server holds an id: one entry per memory shard, sorted by id_start.
+        covered = [(c.id_start, j) for j, s in enumerate(manifests["image"].shards) for c in s.memory_shards]
+        covered.sort()
+        self._starts = np.array([c[0] for c in covered], dtype=np.int64)
+        self._owner = np.array([c[1] for c in covered], dtype=np.int64)
+
+    @classmethod
+    def open(cls, workdir: str, *, use_gpu: bool = False, distributed: bool = False) -> "Memory":
+        """Load the indices built by `reco index` under `workdir`."""
+        manifests = {}
+        for modality in MODALITIES:
+            manifest = IndexManifest.read(index_folder(workdir, modality))
+            if manifest is None:
+                raise MemoryIndexError(f"{index_folder(workdir, modality)}/{MANIFEST} is missing: "
+                                  "run `reco index CONFIG` first")
+            manifests[modality] = manifest
+        return cls.from_manifests(workdir, manifests, use_gpu=use_gpu, distributed=distributed)
+
+    @classmethod
+    def from_manifests(cls, workdir: str, manifests: dict[str, IndexManifest], *, use_gpu: bool = False,
+                       distributed: bool = False) -> "Memory":
+        image, text = manifests["image"], manifests["text"]
+        layout = [[c.path for c in s.memory_shards] for s in image.shards]
+        if image.generation != text.generation or layout != [[c.path for c in s.memory_shards] for s in text.shards]:
+            raise MemoryIndexError(f"the image and text indices under {storage.join(workdir, INDEX_DIR)} differ "
+                              f"(generations {image.generation} and {text.generation}): an update was "
+                              "interrupted or is running; re-run `reco index`")
+        params = {m: manifests[m].index_param for m in MODALITIES}
+        specs = [{m: manifests[m].shards[j].model_dump() for m in MODALITIES} for j in range(len(image.shards))]
+        if distributed:
+            servers = _start_actors(workdir, specs, params, use_gpu)
+        else:
+            if use_gpu and not gpu_available():
+                log.warning("use_gpu: faiss has no GPU support or sees no GPU here; searching on CPU")
+            ngpu = max(faiss.get_num_gpus(), 1) if gpu_available() else 1
+            servers = [ShardServer(workdir, spec, params, use_gpu, gpu=j % ngpu) for j, spec in enumerate(specs)]
+        return cls(workdir, manifests, servers, distributed)
+
+    def _call(self, method: str, calls: list[tuple[int, tuple]]) -> list:
+        """Call `method` on the given servers (in parallel when they are actors)."""
+        if self.distributed:
+            return ray.get([getattr(self._servers[j], method).remote(*args) for j, args in calls])
+        return [getattr(self._servers[j], method)(*args) for j, args in calls]
+
+    def _check(self, modality: str) -> None:
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+
+    def search(self, queries: np.ndarray, k: int, modality: Modality) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (n,k) float32 best first, ids (n,k) int64; -1 and -inf where fewer than k exist)."""
+        self._check(modality)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.d:
+            raise ValueError(f"queries must have shape (n, {self.d}), got {queries.shape}")
+        results = self._call("search", [(j, (queries, k, modality)) for j in range(len(self._servers))])
+        return merge_results([r[0] for r in results], [r[1] for r in results], k)
+
+    def fetch(self, ids: np.ndarray, modality: Modality) -> np.ndarray:
+        """Embeddings of `ids` (any shape) -> ids.shape + (d,) float32; zeros where id == -1."""
+        self._check(modality)
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.reshape(-1)
+        if flat.size and (flat.max() >= self.ntotal or flat.min() < -1):
+            raise ValueError(f"ids must be in 0..{self.ntotal - 1} or -1, got {flat.min()}..{flat.max()}")
+        out = np.zeros((flat.size, self.d), dtype=np.float32)
+        valid = np.flatnonzero(flat >= 0)
+        owner = self._owner[np.searchsorted(self._starts, flat[valid], side="right") - 1]
+        groups = [(j, valid[owner == j]) for j in np.unique(owner)]
+        parts = self._call("fetch", [(int(j), (flat[rows], modality)) for j, rows in groups])
+        for (_, rows), part in zip(groups, parts):
+            out[rows] = part
+        return out.reshape(*ids.shape, self.d)
+
+    def close(self) -> None:
+        """Release the shard actors (distributed) or the memory maps."""
+        if self.distributed:
+            for server in self._servers:
+                ray.kill(server)
+        self._servers = []
+
+
+def merge_results(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of several shards' results by inner product; ties broken by smaller id so
+    the answer does not depend on how the memory was sharded."""
+    s = np.concatenate(scores, axis=1).astype(np.float32, copy=False)
+    i = np.concatenate(ids, axis=1).astype(np.int64, copy=False)
+    s = np.where(i < 0, -np.inf, s).astype(np.float32)
+    order = np.lexsort((i, -s), axis=1)[:, :k]
+    s, i = np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
+    if s.shape[1] < k:  # fewer candidates than k in all shards together
+        pad = k - s.shape[1]
+        s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+    return s, i
+
+
+def _start_actors(workdir: str, specs: list[dict], params: dict[str, str], use_gpu: bool) -> list:
+    """One actor per index shard, spread over the nodes; one GPU each when asked."""
+    # Each node's CPUs shared by the actors it will hold, so that every actor fits.
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    cpus = max(min(nodes) / math.ceil(len(specs) / len(nodes)), 0.01)
+    gpus = 1 if use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    if use_gpu and not gpus:
+        log.warning("use_gpu: the Ray cluster has no GPUs; shard actors search on CPU")
+    actor = ray.remote(ShardServer).options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="SPREAD")
+    servers = [actor.remote(workdir, spec, params, bool(gpus), 0, max(int(cpus), 1)) for spec in specs]
+    # Fail here, naming the bad file, rather than at the first search.
+    ray.get([s.__ray_ready__.remote() for s in servers])
+    return servers
