@@ -25,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
 from reco import storage
+from reco.errors import RecoError
 from reco.schema import MANIFEST, SkipStats
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ INDEX_DIR = "index"
 EMBEDDINGS_DIR = "embeddings"
 
 
-class MemoryIndexError(RuntimeError):
+class MemoryIndexError(RecoError, RuntimeError):
     """An index that cannot be built or opened as it stands; the message names the file."""
 
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from reco import storage
 from reco.cluster import cluster_cpus, init_ray
 from reco.config import ConfigError, DownloadConfig, RecoConfig
+from reco.errors import RecoError
 
 # albumentations (imported by img2dataset) asks PyPI for a newer version on import unless told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -57,7 +58,7 @@ MAX_REASONS = 50
 WRITE_FAILURE = "failed while writing the sample (see the worker log)"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(RecoError, RuntimeError):
     """Shards still missing after `download.max_shard_retry` attempts; a re-run retries them."""
 
 

@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Callable
 
-from reco.config import ConfigError, RecoConfig, load_config
-from reco.models import ModelLoadError
+from reco.config import RecoConfig, load_config
+from reco.errors import RecoError
 
 # Stage name -> "module:function", in pipeline order. Imported lazily: `reco --help` stays fast.
 STAGES: dict[str, tuple[str, str]] = {
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("reco").info("stage %s", name)
             stage_function(name)(cfg)
         return 0
-    except (ConfigError, ModelLoadError) as err:
+    except RecoError as err:
         print(f"reco: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,9 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from reco.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration that cannot be run; the message names the key and the fix."""
+__all__ = ["ConfigError", "RecoConfig", "config_from_dict", "load_config", "dump_config"]
 
 
 class Section(BaseModel):

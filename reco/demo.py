@@ -32,6 +32,7 @@ def run_demo(workdir: str) -> RecoConfig:
     from pipeline.corpus_server import CorpusServer, write_url_list
     from pipeline.download import download
     from pipeline.embed import embed
+    from indexing.build import build_index
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = str(Path(workdir).resolve())
@@ -50,5 +51,8 @@ def run_demo(workdir: str) -> RecoConfig:
     print(f"\nmemory: {cfg.path('memory')}")
     print(f"  {manifest.total_rows} pairs in {len(manifest.shards)} shards, d={manifest.d} "
           f"{manifest.dtype}, {manifest.skipped.total} skipped")
+    indices = build_index(cfg)
+    for modality, index in indices.items():
+        print(f"index/{modality}: {index.key}, recall@10 against exact search {index.recall_at_10:.3f}")
     print(f"\nre-run any stage with: reco <stage> {workdir}/demo.yaml")
     return cfg

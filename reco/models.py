@@ -20,12 +20,13 @@ import open_clip
 import torch
 
 from reco.config import ConfigError, ModelConfig
+from reco.errors import RecoError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CACHE_DIR = Path(os.environ.get("RECO_CACHE", Path.home() / ".cache" / "reco"))
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RecoError, RuntimeError):
     """The model or its weights could not be loaded; the message says how to provide them."""
 
 
