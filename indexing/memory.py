@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from reco import storage
 from reco.errors import RecoError
-from reco.schema import MANIFEST, SkipStats
+from reco.schema import MANIFEST, Manifest, SkipStats
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class IndexShard(BaseModel):
     memory_shards: list[CoveredShard]
 
 
-class IndexManifest(BaseModel):
+class IndexManifest(Manifest):
     """`<workdir>/index/<modality>/_manifest.json`: what the index holds; written last."""
     modality: Modality
     key: str
@@ -88,16 +88,6 @@ class IndexManifest(BaseModel):
     exact: str
     """The exact top-10 of the recall queries over the covered memory (`.npz`)."""
     seconds: dict[str, float] = Field(default_factory=dict)
-
-    @classmethod
-    def read(cls, folder: str) -> "IndexManifest | None":
-        url = storage.join(folder, MANIFEST)
-        if not storage.exists(url):
-            return None
-        return cls.model_validate(storage.read_json(url))
-
-    def write(self, folder: str) -> None:
-        storage.write_json_atomic(storage.join(folder, MANIFEST), self.model_dump(mode="json"))
 
 
 def index_folder(workdir: str, modality: str) -> str:

@@ -26,13 +26,13 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import ray
-from pydantic import BaseModel
 from tqdm import tqdm
 
 from reco import storage
 from reco.cluster import cluster_cpus, init_ray
 from reco.config import ConfigError, DownloadConfig, RecoConfig
 from reco.errors import RecoError
+from reco.schema import MANIFEST, Manifest
 
 # albumentations (imported by img2dataset) asks PyPI for a newer version on import unless told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -45,7 +45,6 @@ from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
 log = logging.getLogger(__name__)
 
 CORPUS_DIR = "corpus"
-MANIFEST = "_manifest.json"
 STAGING_DIR = "_staging"
 """Shards being written; moved into the output folder when complete."""
 TMP_DIR = "_tmp"
@@ -62,7 +61,7 @@ class DownloadError(RecoError, RuntimeError):
     """Shards still missing after `download.max_shard_retry` attempts; a re-run retries them."""
 
 
-class CorpusManifest(BaseModel):
+class CorpusManifest(Manifest):
     """`<corpus>/_manifest.json`: what became of every row of the URL list."""
     url_list: str
     input_files: list[str]
@@ -265,11 +264,6 @@ def _aggregate(plan: UrlListPlan, out_dir: str) -> CorpusManifest:
                           failed_to_resize=totals["failed_to_resize"], failures=failures)
 
 
-def read_manifest(out_dir: str) -> CorpusManifest | None:
-    url = storage.join(out_dir, MANIFEST)
-    return CorpusManifest.model_validate(storage.read_json(url)) if storage.exists(url) else None
-
-
 def _no_url_list(cfg: RecoConfig, out_dir: str) -> None:
     """Without a URL list the corpus must come from elsewhere (`reco run` on existing shards)."""
     if cfg.embed.input or storage.list_files(out_dir, ".tar"):
@@ -295,7 +289,7 @@ def download(cfg: RecoConfig) -> CorpusManifest | None:
         storage.remove(out_dir, recursive=True)
     done = _done_shards(out_dir)
     pending = [i for i in plan.shard_ids if i not in done]
-    previous = read_manifest(out_dir)
+    previous = CorpusManifest.read(out_dir)
     if not pending and previous is not None and previous.input_files == plan.files \
             and previous.input_rows == sum(plan.rows):
         log.info("corpus is up to date: all %d shards downloaded", len(plan.shard_ids))
@@ -306,7 +300,7 @@ def download(cfg: RecoConfig) -> CorpusManifest | None:
     if pending:
         _download_pending(cfg, out_dir, pending, done)
     manifest = _aggregate(plan, out_dir)
-    storage.write_json_atomic(storage.join(out_dir, MANIFEST), manifest.model_dump(mode="json"))
+    manifest.write(out_dir)
     for folder in (TMP_DIR, STAGING_DIR):
         storage.remove(storage.join(out_dir, folder), recursive=True)
     log.info("%s: %d of %d rows downloaded; failures: %s", out_dir, manifest.successes,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from typing_extensions import Self
+
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, Field
@@ -89,7 +91,22 @@ class MemoryShard(BaseModel):
     """The input shard it was embedded from."""
 
 
-class MemoryManifest(BaseModel):
+class Manifest(BaseModel):
+    """A stage folder's `_manifest.json`: written last, so its presence means "done"."""
+
+    @classmethod
+    def read(cls, folder: str) -> "Self | None":
+        """The manifest in `folder`, or None while the stage there is unfinished."""
+        url = storage.join(folder, MANIFEST)
+        if not storage.exists(url):
+            return None
+        return cls.model_validate(storage.read_json(url))
+
+    def write(self, folder: str) -> None:
+        storage.write_json_atomic(storage.join(folder, MANIFEST), self.model_dump(mode="json"))
+
+
+class MemoryManifest(Manifest):
     model: str
     pretrained: str | None
     model_config_file: str | None = None
@@ -99,17 +116,6 @@ class MemoryManifest(BaseModel):
     total_rows: int = 0
     inputs: list[InputShardStats] = Field(default_factory=list)
     skipped: SkipStats = Field(default_factory=SkipStats)
-
-    @classmethod
-    def read(cls, folder: str) -> "MemoryManifest | None":
-        """The manifest of a memory-format folder (e.g. `<workdir>/memory`), None if unfinished."""
-        url = storage.join(folder, MANIFEST)
-        if not storage.exists(url):
-            return None
-        return cls.model_validate(storage.read_json(url))
-
-    def write(self, folder: str) -> None:
-        storage.write_json_atomic(storage.join(folder, MANIFEST), self.model_dump(mode="json"))
 
     def shard_urls(self, folder: str) -> list[str]:
         return [storage.join(folder, s.path) for s in self.shards]

@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from pipeline.corpus_server import CorpusServer, write_url_list
-from pipeline.download import download, read_manifest
+from pipeline.download import CorpusManifest, download
 from pipeline.embed import embed
 from pipeline.tar_samples import iter_tar_samples, list_shards
 from reco.cli import main as cli_main
@@ -68,7 +68,7 @@ def test_every_row_accounted_for(downloaded):
                        "undecodable": kinds["text"] + kinds["truncated"],
                        "no url": kinds["null url"] + kinds["empty url"]}
     assert manifest.failed_to_resize == kinds["text"] + kinds["truncated"]
-    assert read_manifest(cfg.path("corpus")) == manifest
+    assert CorpusManifest.read(cfg.path("corpus")) == manifest
     # the good samples are all there, each with its own caption and url
     captions = {u: c for u, c in zip(*pq.read_table(urls.path, columns=["url", "caption"]).to_pydict().values())}
     samples = corpus_samples(cfg.path("corpus"))
