@@ -1,0 +1,130 @@
+"""`reco train` (1 Ray Train worker) against a bare PyTorch loop on the same shards.
+
+Both train the same RecoFusion with AdamW, warmup + cosine and the RECO loss, at the
+same batch size, over the same synthetic neighbour shards. Bare: the shards read once
+with pyarrow into tensors, then a plain loop over shuffled batches in this process.
+Ours: the stage end to end (Ray Train worker group, Ray Data streaming of the shards,
+checkpoints, TensorBoard). Reported: end-to-end samples/s (with startup, and Ray
+Data's restart of the read pipeline every epoch) and steady-state samples/s (the
+median step time: for ours from the step wall times in its TensorBoard log, for bare
+from the loop's own clock). Repeats alternate; medians; the steady-state ratio last.
+
+    python benchmarks/train.py [--rows 32768] [--d 128] [--k 10] [--batch-size 256] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from indexing.neighbors import nested_to_numpy  # noqa: E402
+from reco import storage  # noqa: E402
+from reco.cluster import init_ray  # noqa: E402
+from reco.config import config_from_dict  # noqa: E402
+from reco.schema import embeddings_to_numpy  # noqa: E402
+from training.fusion import RecoFusion  # noqa: E402
+from training.loop import lr_factor, make_optimizer  # noqa: E402
+from training.loss import RecoLoss  # noqa: E402
+from training.synthetic_split import synthetic_split, write_split  # noqa: E402
+from training.train import train  # noqa: E402
+
+
+def bare_loop(cfg, folder: str) -> tuple[float, float]:
+    """(end-to-end seconds, median seconds per step)."""
+    start = time.perf_counter()
+    tables = [pq.read_table(url) for url in storage.list_files(folder, ".parquet")]
+    x = {"v": torch.from_numpy(embeddings_to_numpy(_cat(tables, "image_embedding"))),
+         "t": torch.from_numpy(embeddings_to_numpy(_cat(tables, "text_embedding")))}
+    x["nn_text"] = torch.from_numpy(nested_to_numpy(_cat(tables, "nn_text")))
+    x["nn_image"] = torch.from_numpy(nested_to_numpy(_cat(tables, "nn_image")))
+    torch.manual_seed(cfg.seed)
+    model = RecoFusion(x["v"].shape[1], cfg.train.heads, cfg.train.mlp_ratio)
+    opt = make_optimizer(model, cfg)
+    b, rows = cfg.train.batch_size, len(x["v"])
+    per_epoch = rows // b
+    total = per_epoch * cfg.train.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.train.warmup_steps, total))
+    loss_fn, steps = RecoLoss(), []
+    for epoch in range(cfg.train.epochs):
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(epoch))
+        for i in range(per_epoch):
+            t0 = time.perf_counter()
+            idx = order[i * b:(i + 1) * b]
+            v, t, nt, ni = (x[n][idx] for n in ("v", "t", "nn_text", "nn_image"))
+            v_ref, t_ref = model(v, nt, t, ni)
+            loss = loss_fn(v, t, v_ref, t_ref, model.logit_scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            steps.append(time.perf_counter() - t0)
+    return time.perf_counter() - start, statistics.median(steps)
+
+
+def _cat(tables, column: str) -> pa.ChunkedArray:
+    return pa.chunked_array([c for t in tables for c in t[column].chunks])
+
+
+def ours(cfg) -> tuple[float, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shutil.rmtree(cfg.path("train"), ignore_errors=True)
+    start = time.perf_counter()
+    train(cfg)
+    seconds = time.perf_counter() - start
+    acc = EventAccumulator(cfg.path("train", "logs", "model"))
+    acc.Reload()
+    times = [e.wall_time for e in acc.Scalars("train/loss")]
+    return seconds, statistics.median(b - a for a, b in zip(times, times[1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=32768)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    root = tempfile.mkdtemp(prefix="reco-bench-train-")
+    write_split(root, synthetic_split(args.rows, args.d, args.k), shards=8)
+    cfg = config_from_dict({"workdir": root, "neighbors": {"k": args.k},
+                            "train": {"batch_size": args.batch_size, "epochs": args.epochs,
+                                      "checkpoint_every": 1000, "log_every": 1000}})
+    init_ray()
+    torch.set_num_threads(int(cfg.train.cpus_per_worker))  # the same threads as the Ray worker
+    samples = (args.rows // args.batch_size) * args.batch_size * args.epochs
+    results = {"bare": [], "ours": []}
+    for _ in range(args.repeats):
+        results["bare"].append(bare_loop(cfg, storage.join(root, "neighbors", "train")))
+        results["ours"].append(ours(cfg))
+    med = {name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+           for name, runs in results.items()}
+    print(f"{args.rows} pairs, d={args.d}, k={args.k}, batch {args.batch_size}, {args.epochs} epochs, "
+          f"{args.repeats} repeats (medians)")
+    for name, (total, step) in med.items():
+        print(f"  {name:5s} end to end {samples / total:7.0f} samples/s ({total:.1f} s); "
+              f"steady state {args.batch_size / step:7.0f} samples/s ({step * 1000:.1f} ms/step)")
+    print(f"train end to end: {med['bare'][0] / med['ours'][0]:.2f}x of a bare PyTorch loop")
+    print(f"train steady state: {med['bare'][1] / med['ours'][1]:.2f}x of a bare PyTorch loop")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The fusion modules: size, shape, normalisation, the no-retrieval case, save and load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.fusion import FusionModule, RecoFusion, load_fusion, save_fusion
+
+
+def test_parameter_count_at_d512():
+    n = sum(p.numel() for p in FusionModule(512).parameters())
+    # attention 4d^2+4d, MLP 8d^2+5d, two LayerNorms 4d: about 3.2M, as the paper says.
+    assert n == 12 * 512 ** 2 + 13 * 512 == 3_152_384
+    assert sum(p.numel() for p in RecoFusion(512).parameters()) == 2 * n + 1
+
+
+def test_output_is_unit_norm_and_uses_the_retrieved_tokens():
+    torch.manual_seed(0)
+    phi = FusionModule(64).eval()
+    q, r = torch.randn(5, 64), torch.randn(5, 10, 64)
+    out = phi(q, r)
+    assert out.shape == (5, 64)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
+    assert not torch.allclose(out, phi(q, torch.randn(5, 10, 64)), atol=1e-3)
+    # No positional embedding: the order of the retrieved items does not matter.
+    torch.testing.assert_close(out, phi(q, r.flip(1)), atol=1e-5, rtol=1e-5)
+
+
+def test_no_retrieval_sees_only_the_query():
+    torch.manual_seed(0)
+    phi = FusionModule(64).eval()
+    q = torch.randn(3, 64)
+    out = phi(q, torch.zeros(3, 0, 64))
+    assert out.shape == (3, 64)
+    torch.testing.assert_close(out[1:2], phi(q[1:2], torch.zeros(1, 0, 64)))
+
+
+def test_width_must_divide_into_heads():
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        FusionModule(60, heads=8)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = RecoFusion(64)
+    meta = {"d": 64, "heads": 8, "mlp_ratio": 4.0, "k": 10, "retrieval": True}
+    save_fusion(model, meta, str(tmp_path / "model"))
+    loaded, got = load_fusion(str(tmp_path / "model"))
+    assert got == meta and not loaded.training
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="run `reco train` first"):
+        load_fusion(str(tmp_path / "nothing"))

@@ -1,0 +1,217 @@
+"""`reco train`: learning, checkpoints and exact resumption, data parallelism, bad input.
+
+The neighbour shards are synthetic (training.synthetic_split), built so that retrieval
+carries signal.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from indexing.neighbors import NeighborsManifest, neighbors_table
+from reco.config import ConfigError, RecoConfig
+from tests.conftest import make_config
+from training.fusion import load_fusion
+from training.loop import NonFiniteLossError
+from training import synthetic_split as synthetic
+from training.loss import RecoLoss
+from training.train import train
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+D, K, ROWS = 32, 4, 512
+TRAIN = {"batch_size": 32, "epochs": 2, "lr": 3e-3, "warmup_steps": 4, "checkpoint_every": 4,
+         "shuffle_buffer": 128, "log_every": 8}
+
+
+def synthetic_split(rows: int = ROWS, d: int = D, k: int = K) -> dict[str, np.ndarray]:
+    return synthetic.synthetic_split(rows, d, k)
+
+
+def write_split(workdir: Path, data: dict[str, np.ndarray], shards: int = 2) -> None:
+    synthetic.write_split(str(workdir), data, shards)
+
+
+def config(workdir: Path, **train_cfg) -> RecoConfig:
+    return make_config(workdir, neighbors={"k": K}, train={**TRAIN, **train_cfg})
+
+
+def full_batch_loss(model_dir: Path, data: dict[str, np.ndarray]) -> float:
+    """The RECO loss of a trained model over the whole split as one batch."""
+    model, meta = load_fusion(str(model_dir))
+    x = {name: torch.tensor(data[name], dtype=torch.float16).float()
+         for name in ("image", "text", "nn_text", "nn_image")}
+    with torch.no_grad():
+        v_ref, t_ref = model(x["image"], x["nn_text"][:, :meta["k"]], x["text"], x["nn_image"][:, :meta["k"]])
+        return RecoLoss()(x["image"], x["text"], v_ref, t_ref, model.logit_scale).item()
+
+
+def scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    return synthetic_split()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data) -> tuple[Path, dict]:
+    """One uninterrupted single-worker run, shared by the tests below."""
+    from tests.conftest import start_local_ray
+
+    start_local_ray()
+    workdir = tmp_path_factory.mktemp("trained")
+    write_split(workdir, data)
+    return workdir, train(config(workdir))
+
+
+def test_training_lowers_the_loss_and_refined_beats_frozen(trained, data):
+    workdir, meta = trained
+    steps = (ROWS // TRAIN["batch_size"]) * TRAIN["epochs"]
+    assert meta["steps"] == steps and meta["k"] == K and meta["retrieval"]
+    logdir = workdir / "train" / "logs" / "model"
+    loss = scalars(logdir, "train/loss")
+    assert [s for s, _ in loss] == list(range(1, steps + 1))
+    assert np.mean([v for _, v in loss[-4:]]) < 0.8 * np.mean([v for _, v in loss[:4]])
+    frozen = np.mean([v for _, v in scalars(logdir, "train/accuracy/frozen")[-8:]])
+    refined = np.mean([v for _, v in scalars(logdir, "train/accuracy/refined")[-8:]])
+    assert refined > frozen + 0.1, (frozen, refined)
+    assert len(scalars(logdir, "train/temperature")) == steps
+    # The saved model is the trained one, with the config that made it.
+    assert full_batch_loss(workdir / "train" / "model", data) < loss[0][1]
+    assert meta["config"]["train"]["lr"] == TRAIN["lr"]
+
+
+def test_rerun_skips_a_finished_run(trained):
+    workdir, meta = trained
+    weights = workdir / "train" / "model" / "fusion.pt"
+    before = weights.stat().st_mtime_ns
+    assert train(config(workdir)) == meta
+    assert weights.stat().st_mtime_ns == before
+
+
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["step"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return 0
+
+
+def _kill_after(proc: subprocess.Popen, ckpt: Path, step: int, timeout: float = 240) -> int:
+    """SIGKILL the run's whole process group (driver, its Ray cluster, the training worker)
+    once it has checkpointed `step`; returns the step of the checkpoint left behind."""
+    seen, deadline = None, time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        mtime = ckpt.stat().st_mtime_ns if ckpt.exists() else None
+        if mtime != seen and _checkpoint_step(ckpt) >= step:
+            break
+        seen = mtime
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return _checkpoint_step(ckpt)
+
+
+def test_killed_run_resumes_to_the_same_weights(trained, tmp_path):
+    workdir, meta = trained
+    write_split(tmp_path, synthetic_split())
+    cfg = config(tmp_path, checkpoint_every=2)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    # Its own Ray cluster, in its own process group: the kill takes the workers down at once.
+    proc = subprocess.Popen([sys.executable, "-m", "reco.cli", "train", str(cfg_file)],
+                            env={**os.environ, "RAY_ADDRESS": "local"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = _kill_after(proc, tmp_path / "train" / "checkpoints" / "model.pt", 18)
+    # Killed in the second epoch (16 steps each), past its first batches.
+    assert 18 <= killed_at < meta["steps"], killed_at
+    assert not (tmp_path / "train" / "model").exists()
+
+    resumed = train(cfg)
+    assert resumed["steps"] == meta["steps"]
+    a, _ = load_fusion(str(workdir / "train" / "model"))
+    b, _ = load_fusion(str(tmp_path / "train" / "model"))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_two_workers_match_one(trained, data, tmp_path):
+    workdir, meta = trained
+    write_split(tmp_path, data)
+    two = train(config(tmp_path, num_workers=2, cpus_per_worker=0.5))
+    assert two["steps"] == meta["steps"]
+    one_loss = full_batch_loss(workdir / "train" / "model", data)
+    two_loss = full_batch_loss(tmp_path / "train" / "model", data)
+    assert abs(one_loss - two_loss) < 0.05 * one_loss, (one_loss, two_loss)
+
+
+def test_no_retrieval_control(tmp_path, data):
+    write_split(tmp_path, data)
+    meta = train(config(tmp_path, retrieval=False, epochs=1))
+    assert meta["k"] == 0 and not meta["retrieval"]
+    assert (tmp_path / "train" / "model-noretrieval" / "fusion.pt").exists()
+    assert not (tmp_path / "train" / "model").exists()
+
+
+def test_nan_loss_stops_with_step_and_batch_and_keeps_the_checkpoint(tmp_path, data):
+    bad = {name: x.copy() for name, x in data.items()}
+    bad["image"][150] = np.nan  # in the 5th batch of the first epoch (file order)
+    write_split(tmp_path, bad)
+    with pytest.raises(NonFiniteLossError, match=r"at step 5 \(epoch 0, batch 4, query ids \[128"):
+        train(config(tmp_path, shuffle_buffer=0, checkpoint_every=1, epochs=1))
+    assert _checkpoint_step(tmp_path / "train" / "checkpoints" / "model.pt") == 4
+    assert not (tmp_path / "train" / "model").exists()
+
+
+def test_checkpoint_from_other_settings_is_refused(trained, tmp_path):
+    workdir, _ = trained
+    shutil.copytree(workdir / "neighbors", tmp_path / "neighbors")
+    shutil.copytree(workdir / "train" / "checkpoints", tmp_path / "train" / "checkpoints")
+    with pytest.raises(ConfigError, match=r"lr differ: lr=0.003 there, 0.01 now"):
+        train(config(tmp_path, lr=0.01))
+    with pytest.raises(ConfigError, match="trained with other settings"):
+        train(config(workdir, lr=0.01))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no finished neighbour split"),
+    ("empty", "is empty"),
+    ("width", "width 16"),
+    ("k", "built with k=4, the config says 10"),
+    ("batch", "larger than the split"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, case, message):
+    cfg = config(tmp_path)
+    if case == "empty":
+        NeighborsManifest(split="train", input="memory", model="m", pretrained=None, d=D, k=K,
+                          dtype="float16", dedup_threshold=0.95).write(str(tmp_path / "neighbors" / "train"))
+    elif case == "width":
+        write_split(tmp_path, synthetic_split(rows=64))
+        small = synthetic_split(rows=32, d=16)
+        table = neighbors_table(small["ids"], ["x"] * 32, small["image"], small["text"], small["nn_text_ids"],
+                                small["nn_text"], small["nn_image_ids"], small["nn_image"])
+        pq.write_table(table, tmp_path / "neighbors" / "train" / "part-00001.parquet")
+    elif case == "k":
+        write_split(tmp_path, synthetic_split(rows=64))
+        cfg = make_config(tmp_path, train=TRAIN)
+    elif case == "batch":
+        write_split(tmp_path, synthetic_split(rows=16))
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)

@@ -1,0 +1,78 @@
+"""The fusion modules phi_image and phi_text (DESIGN.md section 1).
+
+Each is one pre-norm transformer encoder layer (width d, 8 heads, MLP 4d) over the
+tokens [query, r_1..r_k]; the output at the query's position, L2-normalised, is the
+refined embedding. CLIP itself stays frozen: these and the temperature are all that
+is trained (about 3.2M parameters per module at d=512).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import fsspec
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reco import storage
+
+WEIGHTS_FILE = "fusion.pt"
+META_FILE = "config.json"
+INIT_TEMPERATURE = 0.07
+"""CLIP's initial temperature; the logit scale is learnt from log(1/0.07)."""
+
+
+class FusionModule(nn.Module):
+    """Refines a query embedding with k retrieved embeddings of the other modality."""
+
+    def __init__(self, d: int, heads: int = 8, mlp_ratio: float = 4.0):
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"fusion width d={d} is not divisible by heads={heads}")
+        self.layer = nn.TransformerEncoderLayer(
+            d, heads, dim_feedforward=int(d * mlp_ratio), dropout=0.0, activation="gelu",
+            batch_first=True, norm_first=True)
+
+    def forward(self, query: Tensor, retrieved: Tensor) -> Tensor:
+        """query (n, d), retrieved (n, k, d) with k >= 0 -> refined (n, d), unit norm."""
+        tokens = torch.cat([query.unsqueeze(1), retrieved.to(query.dtype)], dim=1)
+        return F.normalize(self.layer(tokens)[:, 0], dim=-1)
+
+
+class RecoFusion(nn.Module):
+    """phi_image and phi_text with the learnable temperature of the RECO loss."""
+
+    def __init__(self, d: int, heads: int = 8, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.image = FusionModule(d, heads, mlp_ratio)
+        self.text = FusionModule(d, heads, mlp_ratio)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / INIT_TEMPERATURE)))
+
+    def forward(self, image: Tensor, nn_text: Tensor, text: Tensor, nn_image: Tensor) -> tuple[Tensor, Tensor]:
+        """(v', t'): images fused with the texts of their image neighbours, texts with the
+        images of their text neighbours."""
+        return self.image(image, nn_text), self.text(text, nn_image)
+
+
+def save_fusion(model: RecoFusion, meta: dict, model_dir: str) -> None:
+    """Weights first, then the metadata (its presence means the folder is complete)."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    storage.write_bytes_atomic(storage.join(model_dir, WEIGHTS_FILE), buf.getvalue())
+    storage.write_json_atomic(storage.join(model_dir, META_FILE), meta)
+
+
+def load_fusion(model_dir: str) -> tuple[RecoFusion, dict]:
+    """The trained fusion modules in `model_dir` (CPU, eval mode) and the metadata saved with
+    them: d, heads, mlp_ratio, k, retrieval, steps and the full config that trained them."""
+    meta_url = storage.join(model_dir, META_FILE)
+    if not storage.exists(meta_url):
+        raise FileNotFoundError(f"{model_dir} holds no finished fusion model ({META_FILE} missing); "
+                                "run `reco train` first")
+    meta = storage.read_json(meta_url)
+    model = RecoFusion(meta["d"], meta["heads"], meta["mlp_ratio"])
+    with fsspec.open(storage.join(model_dir, WEIGHTS_FILE), "rb") as f:
+        model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+    return model.eval(), meta

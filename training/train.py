@@ -1,0 +1,146 @@
+"""`reco train`: the fusion modules trained with the RECO loss, as a Ray Train job.
+
+Workers (`train.num_workers`, `train.use_gpu`) each stream their own split of the
+neighbour shards with Ray Data; gradients are all-reduced by DDP. A checkpoint in
+`<workdir>/train/checkpoints/` every `train.checkpoint_every` steps lets a killed run
+resume at the same step, optimizer state and data position. The final weights and the
+config that made them go to `<workdir>/train/model/` (`model-noretrieval/` for the
+control trained with `train.retrieval=false`); TensorBoard logs to `train/logs/`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow.parquet as pq
+import ray
+import ray.train
+from ray.train import DataConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from indexing.neighbors import NEIGHBORS_DIR, NeighborsManifest
+from reco import storage
+from reco.cluster import init_ray
+from reco.config import ConfigError, RecoConfig
+from training.fusion import META_FILE
+from training.loop import NonFiniteLossError, Plan, load_checkpoint, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+RUNTIME_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every"}
+"""Train settings that may change between a run and its resumption."""
+
+
+def run_name(cfg: RecoConfig) -> str:
+    return "model" if cfg.train.retrieval else "model-noretrieval"
+
+
+def _check_shards(manifest: NeighborsManifest, folder: str, k: int) -> list[str]:
+    """The shard URLs, after checking each file's embedding width and k against the manifest."""
+    urls = [storage.join(folder, s.path) for s in manifest.shards if s.rows]
+    for url in urls:
+        fs, path = storage.filesystem(url)
+        if not fs.exists(path):
+            raise ConfigError(f"train.split: shard {url} listed in the manifest is missing; "
+                              "re-run `reco neighbors`")
+        with fs.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+        width = schema.field("image_embedding").type.list_size
+        nn = schema.field("nn_text").type
+        if width != manifest.d or nn.list_size != manifest.k or nn.value_type.list_size != manifest.d:
+            raise ConfigError(
+                f"train.split: {url} holds embeddings of width {width} with {nn.list_size} neighbours "
+                f"of width {nn.value_type.list_size}, but the split's manifest says d={manifest.d}, "
+                f"k={manifest.k}; re-run `reco neighbors` into a clean `neighbors/{manifest.split}`")
+    return urls
+
+
+def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
+    t = cfg.train
+    folder = cfg.path(NEIGHBORS_DIR, t.split)
+    manifest = NeighborsManifest.read(folder)
+    if manifest is None:
+        raise ConfigError(f"train.split: no finished neighbour split in {folder}; run `reco neighbors` "
+                          f"with neighbors.split={t.split} first")
+    if manifest.total_rows == 0:
+        raise ConfigError(f"train.split: the split {t.split} in {folder} is empty (0 pairs)")
+    if t.retrieval and manifest.k != cfg.neighbors.k:
+        raise ConfigError(f"neighbors.k: the split {t.split} was built with k={manifest.k}, the config "
+                          f"says {cfg.neighbors.k}; set neighbors.k={manifest.k} or re-run `reco neighbors`")
+    if manifest.d % t.heads:
+        raise ConfigError(f"train.heads: the embedding width {manifest.d} is not divisible by {t.heads}")
+    if t.batch_size % t.num_workers:
+        raise ConfigError(f"train.batch_size: {t.batch_size} does not split evenly over "
+                          f"train.num_workers={t.num_workers}")
+    if manifest.total_rows // t.num_workers < t.batch_size // t.num_workers:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the split's "
+                          f"{manifest.total_rows} pairs; lower it")
+    return manifest, _check_shards(manifest, folder, manifest.k)
+
+
+def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
+    t = cfg.train
+    k = manifest.k if t.retrieval else 0
+    name = run_name(cfg)
+    # Equal splits: every worker gets rows // W pairs and drops its last partial batch.
+    steps_per_epoch = (manifest.total_rows // t.num_workers) // (t.batch_size // t.num_workers)
+    identity = {"split": t.split, "model": manifest.model, "pretrained": manifest.pretrained,
+                "d": manifest.d, "k": k, "rows": manifest.total_rows,
+                "dedup_threshold": manifest.dedup_threshold}
+    fingerprint = {**identity, "seed": cfg.seed,
+                   **{key: v for key, v in t.model_dump(mode="json").items() if key not in RUNTIME_KEYS}}
+    return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
+                total_steps=steps_per_epoch * t.epochs,
+                checkpoint=cfg.path("train", "checkpoints", f"{name}.pt"),
+                model_dir=cfg.path("train", name), logdir=cfg.path("train", "logs", name),
+                fingerprint=fingerprint, neighbors=identity)
+
+
+def _finished(plan: Plan) -> dict | None:
+    """The saved metadata when this exact run already finished; an error for another run."""
+    url = storage.join(plan.model_dir, META_FILE)
+    if not storage.exists(url):
+        return None
+    meta = storage.read_json(url)
+    if meta.get("fingerprint") != plan.fingerprint:
+        raise ConfigError(f"train: {plan.model_dir} holds a model trained with other settings; delete "
+                          "it (and train/checkpoints/) to retrain, or use another workdir")
+    return meta
+
+
+def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
+    t = cfg.train
+    columns = ["id", "image_embedding", "text_embedding"] + (["nn_text", "nn_image"] if plan.k else [])
+    dataset = ray.data.read_parquet(urls).select_columns(columns)
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    # preserve_order: the same seed gives the same batches, which exact resumption needs.
+    options = ray.data.ExecutionOptions(preserve_order=True)
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config={"cfg": cfg.model_dump_json(), "plan": plan.model_dump()},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=resources),
+        datasets={"train": dataset}, dataset_config=DataConfig(execution_options=options))
+
+
+def train(cfg: RecoConfig) -> dict:
+    """`reco train`: train (or resume, or skip if finished) the fusion modules; returns the
+    metadata saved with the final model (including its last step's metrics)."""
+    manifest, urls = _validate(cfg)
+    plan = make_plan(cfg, manifest)
+    done = _finished(plan)
+    if done is not None:
+        log.info("%s is already trained (%d steps)", plan.model_dir, done["steps"])
+        return done
+    load_checkpoint(plan.checkpoint, plan.fingerprint)  # one from other settings fails here, early
+    log.info("training %s: %d pairs, %d steps (%d per epoch), global batch %d on %d worker(s)",
+             plan.model_dir, plan.rows, plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
+             cfg.train.num_workers)
+    init_ray()
+    try:
+        _trainer(cfg, plan, urls).fit()
+    except ray.train.WorkerGroupError as err:
+        for failure in err.worker_failures.values():
+            if isinstance(failure, NonFiniteLossError):
+                raise failure from None
+        raise
+    return storage.read_json(storage.join(plan.model_dir, META_FILE))
