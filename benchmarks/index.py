@@ -28,41 +28,19 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 from autofaiss import build_index as autofaiss_build_index  # noqa: E402
 
 from indexing.build import build_index, recall_at_k  # noqa: E402
 from indexing.memory import Memory, index_folder  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
-from reco.schema import MemoryManifest, MemoryShard, embedding_array, memory_schema  # noqa: E402
+from reco.schema import write_memory  # noqa: E402
+from reco.synthetic import clustered_embeddings  # noqa: E402
 
 
-def clustered(n: int, d: int, seed: int, clusters: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(0).standard_normal((clusters, d)).astype(np.float32)
-    labels = rng.integers(0, clusters, n)
-    image = centres[labels] + 0.6 * rng.standard_normal((n, d), dtype=np.float32)
-    text = image + 0.3 * rng.standard_normal((n, d), dtype=np.float32)
-    image /= np.linalg.norm(image, axis=1, keepdims=True)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    return image, text
-
-
-def write_memory(folder: Path, image: np.ndarray, text: np.ndarray, shards: int) -> None:
-    folder.mkdir(parents=True)
-    manifest = MemoryManifest(model="bench", pretrained=None, d=image.shape[1], dtype="float16")
-    for j, (lo, hi) in enumerate(zip(*[np.linspace(0, len(image), shards + 1, dtype=int)[s] for s in (slice(None, -1), slice(1, None))])):
-        ids = np.arange(lo, hi)
-        table = pa.table({"id": pa.array(ids, pa.int64()), "key": ids.astype(str), "caption": ids.astype(str),
-                          "url": ids.astype(str), "image_embedding": embedding_array(image[lo:hi]),
-                          "text_embedding": embedding_array(text[lo:hi])}, schema=memory_schema(image.shape[1]))
-        name = f"part-{j:05d}.parquet"
-        pq.write_table(table, folder / name)
-        manifest.shards.append(MemoryShard(path=name, rows=int(hi - lo), id_start=int(lo), id_end=int(hi), source=name))
-    manifest.total_rows = len(image)
-    manifest.write(str(folder))
+def clustered(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered pairs like a web corpus's embeddings: 1000 concepts, loose clusters."""
+    return clustered_embeddings(n, d, seed, clusters=1000, spread=0.6, text_spread=0.3)
 
 
 def time_ours(root: Path, memory: Path, key: str, repeat: int) -> tuple[float, str]:
@@ -107,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         image, text = clustered(args.rows, args.d, seed=1)
-        write_memory(root / "memory", image, text, shards=20)
+        write_memory(str(root / "memory"), image, text, shard_rows=-(-len(image) // 20), model="bench")
         ours, bare, work = [], [], None
         for r in range(args.repeats):
             seconds, work = time_ours(root, root / "memory", args.key, r)

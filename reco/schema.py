@@ -119,3 +119,29 @@ class MemoryManifest(Manifest):
 
     def shard_urls(self, folder: str) -> list[str]:
         return [storage.join(folder, s.path) for s in self.shards]
+
+
+def write_memory(folder: str, image: np.ndarray, text: np.ndarray, *, shard_rows: int,
+                 append: bool = False, model: str = "external", pretrained: str | None = None,
+                 dtype: Literal["float16", "float32"] = "float16") -> MemoryManifest:
+    """Write embeddings you already have as a memory-format folder (parts + manifest), as
+    `reco embed` would; with `append`, ids continue after the folder's existing rows.
+    Keys, captions and urls are the ids as strings."""
+    manifest = MemoryManifest.read(folder) if append else None
+    manifest = manifest or MemoryManifest(model=model, pretrained=pretrained, d=image.shape[1], dtype=dtype)
+    schema = memory_schema(image.shape[1], dtype)
+    start = manifest.total_rows
+    for lo in range(0, len(image), shard_rows):
+        hi = min(lo + shard_rows, len(image))
+        ids = np.arange(start + lo, start + hi)
+        names = ids.astype(str)
+        name = f"part-{len(manifest.shards):05d}.parquet"
+        table = pa.table({"id": pa.array(ids, pa.int64()), "key": names, "caption": names, "url": names,
+                          "image_embedding": embedding_array(image[lo:hi], dtype),
+                          "text_embedding": embedding_array(text[lo:hi], dtype)}, schema=schema)
+        storage.write_parquet_atomic(storage.join(folder, name), table)
+        manifest.shards.append(MemoryShard(path=name, rows=hi - lo, id_start=start + lo, id_end=start + hi,
+                                           source=f"{folder}/{name}"))
+    manifest.total_rows = start + len(image)
+    manifest.write(folder)
+    return manifest

@@ -20,6 +20,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from reco import storage
@@ -174,3 +175,16 @@ def write_webdataset(samples: Iterable[Sample], out_dir: str, samples_per_shard:
     if batch:
         flush()
     return shards
+
+
+def clustered_embeddings(n: int, d: int, seed: int, clusters: int = 40, spread: float = 0.35,
+                         text_spread: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding-like (image, text) pairs: unit vectors around shared class centres, each
+    text near its image (default `spread / 2` away). For index and neighbour tests and
+    benchmarks, where real CLIP embeddings would cost a model."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).standard_normal((clusters, d))
+    image = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, d))
+    text = image + (spread / 2 if text_spread is None else text_spread) * rng.standard_normal((n, d))
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return unit(image), unit(text)

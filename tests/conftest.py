@@ -77,6 +77,14 @@ def make_config(workdir: str | Path, **sections: Any) -> RecoConfig:
     return config_from_dict(data)
 
 
+def write_memory(workdir: str | Path, image, text, shard_rows: int, append: bool = False):
+    """Embeddings written as `<workdir>/memory`, as `reco embed` would (model reco-tiny)."""
+    from reco.schema import write_memory as write
+
+    return write(str(Path(workdir) / "memory"), image, text, shard_rows=shard_rows, append=append,
+                 model="reco-tiny")
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_checkpoint, corpus_dir) -> RecoConfig:
     """A workdir config: reco-tiny from the checkpoint file, embedding `corpus_dir`."""

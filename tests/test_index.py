@@ -15,46 +15,17 @@ import ray
 from indexing.build import build_index, recall_at_k
 from indexing.memory import IndexManifest, Memory, MemoryIndexError, index_folder
 from reco.config import ConfigError
-from reco.schema import MemoryManifest, MemoryShard, embedding_array, memory_schema
-from tests.conftest import make_config, start_local_ray
+from reco.schema import MemoryManifest, embedding_array, memory_schema
+from reco.synthetic import clustered_embeddings
+from tests.conftest import make_config, start_local_ray, write_memory
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 D = 64
 
 
-def clustered(n: int, seed: int, clusters: int = 40, spread: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
-    """Embedding-like pairs: unit vectors around shared class centres; text near its image."""
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(99).standard_normal((clusters, D))
-    labels = rng.integers(0, clusters, n)
-    image = centres[labels] + spread * rng.standard_normal((n, D))
-    text = image + 0.5 * spread * rng.standard_normal((n, D))
-    norm = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
-    return norm(image), norm(text)
-
-
-def write_memory(workdir: Path, image: np.ndarray, text: np.ndarray, shard_rows: int, append: bool = False) -> MemoryManifest:
-    """Memory-format Parquet shards + manifest, as `reco embed` writes them (appending continues ids)."""
-    folder = workdir / "memory"
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = MemoryManifest.read(str(folder)) if append else None
-    manifest = manifest or MemoryManifest(model="reco-tiny", pretrained=None, d=image.shape[1], dtype="float16")
-    start = manifest.total_rows
-    for lo in range(0, len(image), shard_rows):
-        hi = min(lo + shard_rows, len(image))
-        ids = np.arange(start + lo, start + hi)
-        name = f"part-{len(manifest.shards):05d}.parquet"
-        table = pa.table({"id": pa.array(ids, pa.int64()), "key": [f"k{i}" for i in ids],
-                          "caption": [f"c{i}" for i in ids], "url": [f"u{i}" for i in ids],
-                          "image_embedding": embedding_array(image[lo:hi]),
-                          "text_embedding": embedding_array(text[lo:hi])}, schema=memory_schema(image.shape[1]))
-        pq.write_table(table, folder / name)
-        manifest.shards.append(MemoryShard(path=name, rows=hi - lo, id_start=start + lo, id_end=start + hi,
-                                           source=f"src-{name}"))
-    manifest.total_rows = start + len(image)
-    manifest.write(str(folder))
-    return manifest
+def clustered(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return clustered_embeddings(n, D, seed)
 
 
 def exact_search(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
