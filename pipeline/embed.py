@@ -67,6 +67,12 @@ def _decode(sample: TarSample, preprocess) -> torch.Tensor | str:
         return f"unreadable image ({type(err).__name__})"
 
 
+def _resolved(value: object) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
 class ShardEmbedder:
     """A Ray Data actor holding one frozen model replica; embeds whole input shards."""
 
@@ -76,7 +82,9 @@ class ShardEmbedder:
         torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.clip = load_clip(self.cfg.model, seed=self.cfg.seed, device=self.device)
-        self.pool = ThreadPoolExecutor(decode_threads)
+        # On CPU the forward pass owns every core: a decoding thread beside torch's OpenMP
+        # threads stalls them more than decoding in line costs (decode_threads=0).
+        self.pool = ThreadPoolExecutor(decode_threads) if decode_threads > 0 else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats = [self.embed_shard(str(source)).model_dump_json() for source in batch["source"]]
@@ -101,6 +109,8 @@ class ShardEmbedder:
             return kept, images
 
         def submit(samples: list[TarSample]):
+            if self.pool is None:
+                return samples, [_resolved(_decode(s, self.clip.preprocess)) for s in samples]
             return samples, [self.pool.submit(_decode, s, self.clip.preprocess) for s in samples]
 
         try:
@@ -215,7 +225,7 @@ def _replica_resources(cfg: RecoConfig) -> tuple[int, float, float, int]:
     gpus_each = e.gpus_per_actor if e.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     replicas = e.num_actors or (max(1, int(gpus // gpus_each)) if gpus_each else 1)
     cpus_each = e.cpus_per_actor or max(1.0, min(8.0, cluster_cpus() / replicas))
-    threads = e.decode_threads or max(1, int(cpus_each) if gpus_each else 1)
+    threads = e.decode_threads if e.decode_threads is not None else (int(cpus_each) if gpus_each else 0)
     return replicas, cpus_each, gpus_each, threads
 
 
@@ -259,12 +269,14 @@ def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str) -> MemoryMan
                                    "decode_threads": threads},
             compute=ray.data.ActorPoolStrategy(size=replicas),
             num_cpus=cpus_each, num_gpus=gpus_each)
+        start = time.perf_counter()
         with tqdm(total=len(todo), unit="shard", desc="embed", disable=None) as bar:
             for row in ds.iter_rows():
                 stats = InputShardStats.model_validate_json(row["stats"])
                 staged[stats.source] = stats
                 bar.update(1)
                 bar.set_postfix(samples=stats.samples, skipped=stats.skipped.total)
+        log.info("embedded %d shards in %.1fs", len(todo), time.perf_counter() - start)
     return _finalize(cfg, out_dir, previous, pending, staged, d)
 
 
@@ -289,7 +301,9 @@ def _finalize(cfg: RecoConfig, out_dir: str, previous: MemoryManifest | None, pe
         manifest.total_rows += stats.written
     if jobs:
         init_ray()
+        start = time.perf_counter()
         ray.get([_finalize_shard.remote(*job, schema) for job in jobs])
+        log.info("wrote %d memory parts with ids in %.1fs", len(jobs), time.perf_counter() - start)
     manifest.write(out_dir)  # last: its presence means the parts above are complete
     storage.remove(staging, recursive=True)
     log.info("%s: %d rows in %d shards (%d skipped)", out_dir, manifest.total_rows,

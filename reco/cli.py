@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("demo", help="the whole pipeline, offline, on a small synthetic corpus")
     p.add_argument("--workdir", default="reco-demo", help="where the demo writes (default ./reco-demo)")
+    p.add_argument("--quick", action="store_true", help="a smaller world: a smoke run of a few minutes")
     return parser
 
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             from reco.demo import run_demo
-            run_demo(args.workdir)
+            run_demo(args.workdir, quick=args.quick)
             return 0
         cfg = load_config(args.config, args.overrides)
         for name in (STAGES if args.command == "run" else [args.command]):

@@ -81,9 +81,10 @@ class EmbedConfig(Section):
     of the cluster's CPUs divided among the replicas, at most 8."""
     gpus_per_actor: float | None = Field(None, ge=0)
     """Default 1 on a cluster with GPUs, else 0."""
-    decode_threads: int | None = Field(None, gt=0)
-    """Threads decoding and preprocessing images ahead of the forward pass. Default: the
-    replica's CPUs with a GPU, 1 without (the forward pass uses the CPUs then)."""
+    decode_threads: int | None = Field(None, ge=0)
+    """Threads decoding and preprocessing images one batch ahead of the forward pass.
+    Default: the replica's CPUs with a GPU; 0 (decode in line) without, where the forward
+    pass uses every CPU and a thread beside it would stall it."""
 
 
 class IndexConfig(Section):
