@@ -7,6 +7,7 @@ key (and, for a typo, the key that was probably meant) before any work starts.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,8 @@ __all__ = ["ConfigError", "RecoConfig", "config_from_dict", "load_config", "dump
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Attribute docstrings become field descriptions: docs/config.md is generated from them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
@@ -39,7 +41,9 @@ class DownloadConfig(Section):
     input_format: Literal["parquet", "csv", "tsv"] = "parquet"
     """The url list's format; a folder's files are those ending in `.<input_format>`."""
     url_col: str = "url"
+    """The URL list's column holding image URLs."""
     caption_col: str = "caption"
+    """The URL list's column holding captions (stored as each sample's .txt)."""
     save_additional_columns: list[str] = []
     """Further url-list columns copied into each sample's .json (e.g. a label)."""
     output: str | None = None
@@ -48,12 +52,15 @@ class DownloadConfig(Section):
     """`incremental` keeps the finished shards and downloads the rest; `overwrite` deletes
     the output folder first."""
     image_size: int = Field(256, gt=0)
+    """Side of the stored images (img2dataset resizes to it per `resize_mode`)."""
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    """img2dataset's resize mode; `border` pads to a square of `image_size`."""
     processes_count: int | None = Field(None, gt=0)
     """Shards downloaded at once, each a Ray task of one CPU; default: the cluster's CPUs."""
     thread_count: int = Field(64, gt=0)
     """Concurrent HTTP requests per shard (downloads wait on the network, not the CPU)."""
     number_sample_per_shard: int = Field(10000, gt=0)
+    """URL-list rows per corpus shard (one tar each)."""
     timeout: float = Field(10.0, gt=0)
     """Seconds before a request is abandoned (counted as a failure)."""
     retries: int = Field(0, ge=0)
@@ -73,7 +80,9 @@ class EmbedConfig(Section):
     """Webdataset shards: a folder, a glob or brace pattern (any fsspec URL). Default
     `<workdir>/corpus`."""
     batch_size: int = Field(256, gt=0)
+    """Pairs per forward pass."""
     dtype: Literal["float16", "float32"] = "float16"
+    """Stored embedding dtype; float16 halves the memory's size."""
     num_actors: int | None = Field(None, gt=0)
     """Model replicas; default one per GPU, or one on a CPU-only cluster."""
     cpus_per_actor: float | None = Field(None, gt=0)
@@ -112,6 +121,7 @@ class IndexConfig(Section):
     """When the memory has new shards: retrain on a fresh sample and rebuild every shard,
     instead of adding the new shards to the trained index."""
     metric: Literal["ip"] = "ip"
+    """Inner product: the embeddings are L2-normalised, so it is cosine similarity."""
 
 
 class NeighborsConfig(Section):
@@ -137,7 +147,9 @@ class TrainConfig(Section):
     num_workers: int = Field(1, gt=0)
     """Ray Train workers (data-parallel replicas; gradients all-reduced)."""
     use_gpu: bool = False
+    """Train on GPUs (one per worker), with autocast in `precision`."""
     cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs each worker reserves (0.5 lets two workers share one core in tests)."""
     retrieval: bool = True
     """False trains the same modules with k=0 (no memory): the control, written to
     `train/model-noretrieval/`."""
@@ -146,12 +158,17 @@ class TrainConfig(Section):
     batch_size: int = Field(1024, gt=0)
     """Global batch (split evenly over the workers; the loss sees all of it)."""
     epochs: int = Field(10, gt=0)
+    """Passes over the neighbour shards."""
     lr: float = Field(1e-3, gt=0)
+    """AdamW's peak learning rate."""
     warmup_steps: int = Field(100, ge=0)
     """Linear warmup, then cosine decay to 0 at the last step."""
     weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay (not applied to gains, biases and the temperature)."""
     heads: int = Field(8, gt=0)
+    """Attention heads of each fusion layer (the paper: 8)."""
     mlp_ratio: float = Field(4.0, gt=0)
+    """MLP width of each fusion layer as a multiple of d (the paper: 4)."""
     checkpoint_every: int = Field(200, gt=0)
     """Steps between checkpoints in `<workdir>/train/` (the last step always writes one)."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -159,6 +176,7 @@ class TrainConfig(Section):
     shuffle_buffer: int = Field(10000, ge=0)
     """Rows in each worker's local shuffle buffer (re-seeded every epoch); 0: file order."""
     log_every: int = Field(1, gt=0)
+    """Steps between logged metrics (TensorBoard under `<workdir>/train/logs/`)."""
 
 
 class EvalDataset(Section):
@@ -200,6 +218,7 @@ class RecoConfig(Section):
     workdir: str
     """Root of every stage's output (any fsspec URL)."""
     seed: int = 0
+    """Seeds every random choice: model init without weights, samples, shuffles, splits."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
@@ -281,3 +300,50 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RecoConfig:
 
 def dump_config(cfg: RecoConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(annotation: Any) -> str:
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    text = re.sub(r"\b[\w.]+\.(\w+)", r"\1", text).replace("NoneType", "None")
+    return text.replace("|", "\\|")  # inside a Markdown table
+
+
+def _item_model(annotation: Any) -> type[BaseModel] | None:
+    """X for list[X] where X is a config model (e.g. evaluate.datasets)."""
+    args = getattr(annotation, "__args__", ())
+    if getattr(annotation, "__origin__", None) is list and args and isinstance(args[0], type) \
+            and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
+
+
+def config_reference() -> str:
+    """docs/config.md: every key with its type, default and description, from the schema."""
+    lines = ["# Configuration reference", "",
+             "Generated from `reco/config.py` (`python -m reco.config > docs/config.md`); a test",
+             "keeps it in step. Set keys in the YAML file or as `dotted.key=value` overrides.", ""]
+
+    def section(model: type[BaseModel], prefix: str) -> None:
+        nested = []
+        lines.extend(["| key | type | default | meaning |", "|---|---|---|---|"])
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                nested.append((name, field.annotation))
+                continue
+            if (item := _item_model(field.annotation)) is not None:
+                nested.append((f"{name}[]", item))
+            default = "required" if field.is_required() else (
+                f"`{field.default!r}`" if field.default_factory is None else f"`{field.default_factory()!r}`")
+            meaning = " ".join((field.description or "").split())
+            lines.append(f"| `{prefix}{name}` | `{_type_name(field.annotation)}` | {default} | {meaning} |")
+        lines.append("")
+        for name, sub in nested:
+            lines.extend([f"## `{prefix}{name}`", ""])
+            section(sub, f"{prefix}{name}.")
+
+    section(RecoConfig, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference())
