@@ -112,6 +112,9 @@ def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
     t = cfg.train
     columns = ["id", "image_embedding", "text_embedding"] + (["nn_text", "nn_image"] if plan.k else [])
     dataset = ray.data.read_parquet(urls).select_columns(columns)
+    # The workers log their steps; Ray Data's bars, redrawn every epoch by the split
+    # coordinator, would bury them.
+    dataset.context.enable_progress_bars = False
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     # preserve_order: the same seed gives the same batches, which exact resumption needs.
     options = ray.data.ExecutionOptions(preserve_order=True)
