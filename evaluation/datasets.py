@@ -20,7 +20,6 @@ from typing import Iterable, Iterator
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -288,7 +287,7 @@ def prepare_dataset(cfg: RecoConfig, spec: EvalDataset) -> EvalSet:
     if not storage.exists(info_url):
         _materialise(cfg, spec, out)
     info = storage.read_json(info_url)
-    table = pq.read_table(storage.join(out, SAMPLES_FILE))
+    table = storage.read_parquet(storage.join(out, SAMPLES_FILE))
     return EvalSet(name=spec.name, task=spec.task, shards=info["shards"],
                    keys=table["key"].to_pylist(), labels=table["label"].to_numpy().astype(np.int64),
                    captions=table["captions"].to_pylist(), classnames=info["classnames"],

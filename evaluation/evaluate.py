@@ -21,9 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -128,8 +126,7 @@ def embed_images(cfg: RecoConfig, shards: list[str]) -> dict[str, tuple[list[str
     skipped = {s.source: s.skipped.total for s in manifest.inputs}
     found = {source: ([], np.zeros((0, manifest.d), np.float32), n) for source, n in skipped.items()}
     for shard in manifest.shards:  # one part per input shard that kept any sample
-        with fsspec.open(storage.join(out_dir, shard.path), "rb") as f:
-            table = pq.read_table(f, columns=["key", "image_embedding"])
+        table = storage.read_parquet(storage.join(out_dir, shard.path), columns=["key", "image_embedding"])
         found[shard.source] = (table["key"].to_pylist(), embeddings_to_numpy(table["image_embedding"]),
                                skipped[shard.source])
     return found

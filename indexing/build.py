@@ -301,14 +301,8 @@ def _read_rows(cfg: RecoConfig, memory: MemoryManifest, ids: np.ndarray) -> dict
 
 @ray.remote(num_cpus=1)
 def _read_shard_rows(url: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-    table = _read_table(url, ["image_embedding", "text_embedding"])
+    table = storage.read_parquet(url, ["image_embedding", "text_embedding"])
     return {m: embeddings_to_numpy(table[f"{m}_embedding"].take(rows)) for m in MODALITIES}
-
-
-def _read_table(url: str, columns: list[str]):
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
 
 
 def _valid(x: np.ndarray) -> np.ndarray:
@@ -369,7 +363,7 @@ def _add_pieces(cfg: RecoConfig, memory: MemoryManifest, training: Training,
 def _add_piece(workdir: str, url: str, shard_json: dict, trained: dict, queries: dict, out: str) -> Piece:
     faiss.omp_set_num_threads(1)  # one core per task; Ray runs as many tasks as cores
     shard = MemoryShard.model_validate(shard_json)
-    table = _read_table(url, ["id", "image_embedding", "text_embedding"])
+    table = storage.read_parquet(url, ["id", "image_embedding", "text_embedding"])
     ids = table["id"].to_numpy()
     if not np.array_equal(ids, np.arange(shard.id_start, shard.id_end)):
         raise MemoryIndexError(f"memory shard {url}: ids are not {shard.id_start}..{shard.id_end - 1} "

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, Field
 from tqdm import tqdm
@@ -186,7 +186,7 @@ class ShardSearcher:
 
     def search_shard(self, source: str, path: str) -> NeighborsShard:
         t0 = time.perf_counter()
-        table = _read(source)
+        table = storage.read_parquet(source)
         n, dtype = self.cfg.neighbors, self._dtype(table)
         parts, short = [], 0
         for start in range(0, table.num_rows, n.batch_size):
@@ -214,22 +214,21 @@ class ShardSearcher:
         return "float16" if table.schema.field("image_embedding").type.value_type == pa.float16() else "float32"
 
 
-def _read(url: str) -> pa.Table:
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
-
-
 def _finished(url: str, fingerprint: str) -> NeighborsShard | None:
     """The record of a finished output shard made with the same settings, else None."""
-    if not storage.exists(url):
-        return None
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        meta = json.loads((pq.read_schema(f).metadata or {}).get(META_KEY, b"{}"))
+    meta = json.loads((storage.parquet_schema(url).metadata or {}).get(META_KEY, b"{}"))
     if meta.get("fingerprint") != fingerprint:
         return None
     return NeighborsShard.model_validate(meta["shard"])
+
+
+def _find_finished(out_dir: str, paths: list[str], fingerprint: str) -> dict[str, NeighborsShard | None]:
+    """Records of the output shards already written: one listing, then footers in parallel."""
+    present = {url.rsplit("/", 1)[-1] for url in storage.list_files(out_dir, ".parquet")}
+    found = [p for p in paths if p in present]
+    with ThreadPoolExecutor(16) as pool:
+        records = pool.map(lambda p: _finished(storage.join(out_dir, p), fingerprint), found)
+        return {**dict.fromkeys(paths), **dict(zip(found, records))}
 
 
 def _validate(cfg: RecoConfig, input_dir: str) -> tuple[MemoryManifest, int]:
@@ -280,7 +279,7 @@ def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     out_dir = cfg.path(NEIGHBORS_DIR, cfg.neighbors.split)
     fingerprint = _fingerprint(cfg, input_dir, generation)
     jobs = [(storage.join(input_dir, s.path), s.path) for s in queries.shards]
-    done = {path: _finished(storage.join(out_dir, path), fingerprint) for _, path in jobs}
+    done = _find_finished(out_dir, [path for _, path in jobs], fingerprint)
     todo = [(src, path) for src, path in jobs if done[path] is None]
     log.info("%d query shards: %d done, %d to search", len(jobs), len(jobs) - len(todo), len(todo))
     if todo:

@@ -20,7 +20,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
@@ -180,7 +179,7 @@ class ShardEmbedder:
 @ray.remote
 def _finalize_shard(staged_url: str, part_url: str, id_start: int, schema: pa.Schema) -> int:
     """Copy a staged shard to its memory part with ids id_start.. added in front."""
-    table = pq.read_table(staged_url)
+    table = storage.read_parquet(staged_url)
     ids = pa.array(np.arange(id_start, id_start + table.num_rows, dtype=np.int64))
     table = table.add_column(0, "id", ids).replace_schema_metadata(None).cast(schema)
     storage.write_parquet_atomic(part_url, table)
@@ -189,9 +188,7 @@ def _finalize_shard(staged_url: str, part_url: str, id_start: int, schema: pa.Sc
 
 def _staged_stats(url: str, fingerprint: str) -> InputShardStats | None:
     """The stats of a finished staged file, or None if it is from another model."""
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        meta = pq.read_schema(f).metadata or {}
+    meta = storage.parquet_schema(url).metadata or {}
     if meta.get(MODEL_KEY, b"").decode() != fingerprint:
         log.warning("%s was embedded with another model config; embedding it again", url)
         return None

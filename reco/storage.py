@@ -89,6 +89,21 @@ def write_parquet_atomic(url: str, table: pa.Table, **kwargs: Any) -> None:
     write_bytes_atomic(url, buf.getvalue())
 
 
+def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file read through fsspec, so every read sees the same credentials and
+    endpoints whatever the filesystem."""
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def parquet_schema(url: str) -> pa.Schema:
+    """A Parquet file's schema with its key-value metadata, reading only the footer."""
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f)
+
+
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):

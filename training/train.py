@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import pyarrow.parquet as pq
 import ray
 import ray.train
 from ray.train import DataConfig, ScalingConfig
@@ -39,12 +38,10 @@ def _check_shards(manifest: NeighborsManifest, folder: str, k: int) -> list[str]
     """The shard URLs, after checking each file's embedding width and k against the manifest."""
     urls = [storage.join(folder, s.path) for s in manifest.shards if s.rows]
     for url in urls:
-        fs, path = storage.filesystem(url)
-        if not fs.exists(path):
+        if not storage.exists(url):
             raise ConfigError(f"train.split: shard {url} listed in the manifest is missing; "
                               "re-run `reco neighbors`")
-        with fs.open(path, "rb") as f:
-            schema = pq.read_schema(f)
+        schema = storage.parquet_schema(url)
         width = schema.field("image_embedding").type.list_size
         nn = schema.field("nn_text").type
         if width != manifest.d or nn.list_size != manifest.k or nn.value_type.list_size != manifest.d:
