@@ -6,8 +6,8 @@ Writes a memory of clustered, embedding-like float16 vectors (memory format, 20 
 then, each repeat:
 - build: `build_index(cfg)` (both modalities, on Ray) vs autofaiss `build_index` on the
   same Parquet folder with the same key, once per modality, in this process;
-- recall@10 of `Memory.search` against exact (brute-force) search on fresh queries;
-- search QPS: `Memory.search` vs `index.search` of bare faiss on the same index file,
+- recall@10 of `MemoryIndex.search` against exact (brute-force) search on fresh queries;
+- search QPS: `MemoryIndex.search` vs `index.search` of bare faiss on the same index file,
   same nprobe, same queries (one batch of 2k).
 Medians are printed; the last line is the build ratio.
 """
@@ -31,10 +31,10 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from autofaiss import build_index as autofaiss_build_index  # noqa: E402
 
-from indexing.build import build_index, recall_at_k  # noqa: E402
-from indexing.memory import Memory, index_folder  # noqa: E402
+from indexing.build import build_index, index_recall  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
-from reco.schema import write_memory  # noqa: E402
+from reco.contracts import index_folder, write_memory  # noqa: E402
+from reco.search import MemoryIndex  # noqa: E402
 from reco.synthetic import clustered_embeddings  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def main() -> None:
             ours.append(seconds)
             bare.append(time_bare(root, root / "memory", args.key, r))
             print(f"repeat {r}: ours {seconds:.1f}s, bare autofaiss {bare[-1]:.1f}s", flush=True)
-        memory = Memory.open(work)
+        memory = MemoryIndex.open(work)
         manifest = memory.manifests["image"]
         queries = clustered(2_000, args.d, seed=2)[0]
         exact = faiss.IndexFlatIP(args.d)
@@ -104,7 +104,7 @@ def main() -> None:
         ours_qps = qps(lambda q: memory.search(q, 10, "image"), queries)
         bare_qps = qps(lambda q: bare_index.search(q, 10), queries)
         print(f"rows {args.rows} x d {args.d}, key {manifest.key}, search {manifest.index_param}")
-        print(f"recall@10 vs exact: {recall_at_k(found, truth):.4f} (manifest, held-out: {manifest.recall_at_10:.4f})")
+        print(f"recall@10 vs exact: {index_recall(found, truth):.4f} (manifest, held-out: {manifest.recall_at_10:.4f})")
         print(f"search: {ours_qps:.0f} q/s vs bare faiss {bare_qps:.0f} q/s: {ours_qps / bare_qps:.2f}x of bare faiss")
         print(f"index build: {statistics.median(ours):.1f}s vs {statistics.median(bare):.1f}s: "
               f"{statistics.median(ours) / statistics.median(bare):.2f}x of bare autofaiss")

@@ -34,13 +34,11 @@ import pyarrow.parquet as pq  # noqa: E402
 from autofaiss.indices.index_utils import set_search_hyperparameters  # noqa: E402
 
 from benchmarks.index import clustered  # noqa: E402
-from reco.schema import write_memory  # noqa: E402
 from indexing.build import build_index  # noqa: E402
-from indexing.memory import IndexManifest, index_folder  # noqa: E402
 from indexing.neighbors import neighbors  # noqa: E402
 from reco.cluster import init_ray  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
-from reco.schema import embeddings_to_numpy  # noqa: E402
+from reco.contracts import IndexManifest, embeddings_to_numpy, index_folder, write_memory  # noqa: E402
 
 OTHER = {"image": "text", "text": "image"}
 

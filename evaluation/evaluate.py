@@ -9,7 +9,7 @@ For each dataset of `evaluate.datasets`:
    with a test image is left out of all retrievals (the report counts them);
 4. refine: class/caption embeddings by phi_text over the images of their text->text
    neighbours, test images by phi_image over the texts of their image->image neighbours
-   (`indexing.neighbors.retrieve`); the fusion model trained without retrieval, if
+   (`reco.search.retrieve`); the fusion model trained without retrieval, if
    present, gives the `no_retrieval` column with the same modules fed no neighbours;
 5. measure top-1/top-5 or recall@1/5/10 for each and write `<workdir>/eval/report.*`.
 """
@@ -19,31 +19,27 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 
 from evaluation.datasets import EvalSet, check_dataset, prepare_dataset
-from evaluation.metrics import class_embeddings, recall_at_k, topk_accuracy
+from evaluation.metrics import class_embeddings, retrieval_recall, topk_accuracy
 from evaluation.report import write_report
-from indexing.memory import Memory, index_folder
-from indexing.neighbors import retrieve
-from training.fusion import load_fusion
 from reco import storage
 from reco.cluster import cluster_gpus, init_ray
 from reco.config import ConfigError, RecoConfig
-from reco.models import embed_dim, load_clip, validate_model_config
-from reco.schema import MANIFEST, MEMORY_DIR, MemoryManifest, embeddings_to_numpy
+from reco.contracts import (EVAL_DIR, EVAL_EMBEDDINGS_DIR, FUSION_META, MANIFEST, MEMORY_DIR, MODALITIES,
+                            MemoryManifest, embeddings_to_numpy, fusion_model_dir, index_folder)
+from reco.encode import embed_shards, encode_texts
+from reco.fusion import load_fusion
+from reco.models import embed_dim, validate_model_config
+from reco.search import MemoryIndex, near_duplicate_ids, neighbour_embeddings
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR = ("train", "model")
-CONTROL_DIR = ("train", "model-noretrieval")
-FUSION_META = "config.json"
-EMBEDDINGS_DIR = "_embeddings"
-"""`<workdir>/eval/_embeddings/`: every evaluation set's images, memory-format."""
 REFINE_BATCH = 4096
 """Queries refined at once: bounds the (batch, k, d) float32 neighbour block."""
 
@@ -72,13 +68,13 @@ def check_evaluate(cfg: RecoConfig) -> None:
         check_dataset(spec)
     validate_model_config(cfg.model)
     # The trained model first: it is what a user is most likely to lack, and it implies the rest.
-    meta_url = storage.join(cfg.path(*MODEL_DIR), FUSION_META)
+    meta_url = storage.join(fusion_model_dir(cfg.workdir), FUSION_META)
     if not storage.exists(meta_url):
-        raise ConfigError(f"workdir: no trained fusion model at {cfg.path(*MODEL_DIR)} ({FUSION_META} "
+        raise ConfigError(f"workdir: no trained fusion model at {fusion_model_dir(cfg.workdir)} ({FUSION_META} "
                           "missing); run `reco train` first")
     d = storage.read_json(meta_url)["d"]
     if d != embed_dim(cfg.model):
-        raise ConfigError(f"model: the fusion model at {cfg.path(*MODEL_DIR)} has width {d}, "
+        raise ConfigError(f"model: the fusion model at {fusion_model_dir(cfg.workdir)} has width {d}, "
                           f"{cfg.model.name} embeds in {embed_dim(cfg.model)}")
     memory = MemoryManifest.read(cfg.path(MEMORY_DIR))
     if memory is None:
@@ -86,27 +82,13 @@ def check_evaluate(cfg: RecoConfig) -> None:
     if (memory.model, memory.pretrained) != (cfg.model.name, cfg.model.pretrained):
         raise ConfigError(f"model: the memory was embedded with {memory.model}/{memory.pretrained}, "
                           f"not {cfg.model.name}/{cfg.model.pretrained}: evaluate with the same model")
-    for modality in ("image", "text"):
+    for modality in MODALITIES:
         url = storage.join(index_folder(cfg.workdir, modality), MANIFEST)
         if not storage.exists(url):
             raise ConfigError(f"workdir: no finished index ({url} missing); run `reco index` first")
 
 
 # -- embedding -----------------------------------------------------------------------------
-
-@ray.remote
-def _encode_texts(cfg_json: str, texts: list[str], batch_size: int) -> np.ndarray:
-    """Unit text embeddings (n, d) float32 from the frozen text tower."""
-    cfg = RecoConfig.model_validate_json(cfg_json)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    clip = load_clip(cfg.model, seed=cfg.seed, device=device)
-    parts = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            tokens = clip.tokenizer(texts[i:i + batch_size]).to(device)
-            parts.append(clip.model.encode_text(tokens, normalize=True).float().cpu().numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, clip.embed_dim), np.float32)
-
 
 def _texts_of(ds: EvalSet) -> list[str]:
     if ds.task == "classification":
@@ -117,11 +99,9 @@ def _texts_of(ds: EvalSet) -> list[str]:
 def embed_images(cfg: RecoConfig, shards: list[str]) -> dict[str, tuple[list[str], np.ndarray, int]]:
     """Input shard -> (keys, (n, d) image embeddings, samples skipped), embedded with the embed
     stage's own code: every set in one Ray Data run, so small sets share the model replicas."""
-    from pipeline.embed import embed_shards
-
     # float32: eval sets are small, and the baseline must equal clip_benchmark's exactly.
     eval_cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"dtype": "float32"})})
-    out_dir = cfg.path("eval", EMBEDDINGS_DIR)
+    out_dir = cfg.path(EVAL_DIR, EVAL_EMBEDDINGS_DIR)
     manifest = embed_shards(eval_cfg, shards, out_dir)
     skipped = {s.source: s.skipped.total for s in manifest.inputs}
     found = {source: ([], np.zeros((0, manifest.d), np.float32), n) for source, n in skipped.items()}
@@ -154,7 +134,7 @@ def embed_sets(cfg: RecoConfig, sets: list[EvalSet]) -> list[Embedded]:
     """Every set's images and texts; the text tower runs as a Ray task while images embed."""
     init_ray()
     texts = [_texts_of(ds) for ds in sets]
-    future = _encode_texts.options(num_cpus=1, num_gpus=1 if cluster_gpus() else 0).remote(
+    future = encode_texts.options(num_cpus=1, num_gpus=1 if cluster_gpus() else 0).remote(
         cfg.model_dump_json(), [t for group in texts for t in group], cfg.evaluate.batch_size)
     by_shard = embed_images(cfg, [s for ds in sets for s in ds.shards])
     text_parts = np.split(ray.get(future), np.cumsum([len(t) for t in texts])[:-1])
@@ -169,25 +149,6 @@ def embed_sets(cfg: RecoConfig, sets: list[EvalSet]) -> list[Embedded]:
 
 # -- retrieval and refinement --------------------------------------------------------------
 
-def near_duplicate_ids(memory: Memory, images: np.ndarray, threshold: float, k: int = 16) -> np.ndarray:
-    """Sorted unique memory ids whose image has cosine > threshold with any of `images`.
-
-    A test image can have more near-copies than k: rows whose k-th hit is still above the
-    threshold are searched again with k four times larger.
-    """
-    found = [np.zeros(0, np.int64)]
-    rows = np.arange(len(images))
-    while rows.size:
-        k = min(k, memory.ntotal)
-        scores, ids = memory.search(np.ascontiguousarray(images[rows], np.float32), k, "image")
-        hit = (scores > threshold) & (ids >= 0)
-        found.append(ids[hit])
-        if k >= memory.ntotal:
-            break
-        rows, k = rows[hit[:, -1]], k * 4
-    return np.unique(np.concatenate(found))
-
-
 def refine(module: torch.nn.Module, queries: np.ndarray, retrieved: np.ndarray | None) -> np.ndarray:
     """module(query, neighbours) in batches; `retrieved` None feeds no neighbours (k=0)."""
     out = []
@@ -200,27 +161,18 @@ def refine(module: torch.nn.Module, queries: np.ndarray, retrieved: np.ndarray |
     return np.concatenate(out) if out else queries.copy()
 
 
-def neighbours(memory: Memory, queries: np.ndarray, modality: Literal["image", "text"], k: int,
-               exclude: np.ndarray, threshold: float) -> np.ndarray:
-    """(n, k, d) cross-modal embeddings of the queries' uni-modal neighbours."""
-    _, emb = retrieve(memory, np.ascontiguousarray(queries, np.float32), modality, k,
-                      query_images=queries if modality == "image" else None,
-                      dedup_threshold=threshold, exclude_ids=exclude)
-    return emb
-
-
 def _score(ds: EvalSet, emb: Embedded, images: np.ndarray, texts: np.ndarray) -> dict[str, float]:
     if ds.task == "classification":
         return topk_accuracy(images, texts, emb.labels)
-    return recall_at_k(images, texts, emb.text_image)
+    return retrieval_recall(images, texts, emb.text_image)
 
 
-def evaluate_set(ds: EvalSet, emb: Embedded, memory: Memory, fusion, control, k: int,
+def evaluate_set(ds: EvalSet, emb: Embedded, memory: MemoryIndex, fusion, control, k: int,
                  threshold: float) -> tuple[list[dict[str, Any]], int]:
     """(result rows, memory pairs excluded as near-duplicates of this set's images)."""
     exclude = near_duplicate_ids(memory, emb.images, threshold)
-    nn_text = neighbours(memory, emb.images, "image", k, exclude, threshold)
-    nn_image = neighbours(memory, emb.texts, "text", k, exclude, threshold)
+    nn_text = neighbour_embeddings(memory, emb.images, "image", k, exclude, threshold)
+    nn_image = neighbour_embeddings(memory, emb.texts, "text", k, exclude, threshold)
     scores = {"baseline": _score(ds, emb, emb.images, emb.texts),
               "reco": _score(ds, emb, refine(fusion.image, emb.images, nn_text),
                              refine(fusion.text, emb.texts, nn_image))}
@@ -245,9 +197,9 @@ def evaluate(cfg: RecoConfig) -> dict[str, Any]:
     seconds["embed"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
-    memory = Memory.open(cfg.workdir, use_gpu=cfg.index.use_gpu)
-    fusion, meta = load_fusion(cfg.path(*MODEL_DIR))
-    control_dir = cfg.path(*CONTROL_DIR)
+    memory = MemoryIndex.open(cfg.workdir, use_gpu=cfg.index.use_gpu)
+    fusion, meta = load_fusion(fusion_model_dir(cfg.workdir))
+    control_dir = fusion_model_dir(cfg.workdir, retrieval=False)
     control = load_fusion(control_dir)[0] if storage.exists(storage.join(control_dir, FUSION_META)) else None
     k = cfg.evaluate.k or meta.get("k") or cfg.neighbors.k
     threshold = cfg.neighbors.dedup_threshold
@@ -262,7 +214,7 @@ def evaluate(cfg: RecoConfig) -> dict[str, Any]:
             f"{r['metric']} {r['baseline']:.1f} -> {r['reco']:.1f}" for r in rows))
     seconds["retrieve_refine_score"] = round(time.perf_counter() - t, 2)
     config = {"model": cfg.model.model_dump(), "memory_pairs": int(memory.ntotal), "k": int(k),
-              "dedup_threshold": threshold, "fusion_model": cfg.path(*MODEL_DIR),
+              "dedup_threshold": threshold, "fusion_model": fusion_model_dir(cfg.workdir),
               "fusion_steps": meta.get("steps"), "no_retrieval_model": control_dir if control else None,
               "seed": cfg.seed, "seconds": seconds}
-    return write_report(cfg.path("eval"), results, datasets, config)
+    return write_report(cfg.path(EVAL_DIR), results, datasets, config)

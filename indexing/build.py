@@ -14,7 +14,7 @@ The steps autofaiss runs on pyspark, as Ray tasks:
 3. merge: one Ray task per index shard merges its pieces into the trained index (or into
    the shard's previous file, when memory shards were appended) and writes a new file.
 4. finish: autofaiss tunes nprobe/efSearch on the first shard, recall@10 against exact
-   search is measured through the same search path as `Memory`, and the two manifests
+   search is measured through the same search path as `MemoryIndex`, and the two manifests
    are written last. Files the new manifests no longer name are then removed.
 
 A re-run with no new memory shards does nothing; with new shards it adds only those,
@@ -39,17 +39,18 @@ from autofaiss.indices.training import create_empty_index
 from autofaiss.utils.cast import cast_memory_to_bytes
 from pydantic import BaseModel
 
-from indexing.memory import (EMBEDDINGS_DIR, INDEX_DIR, MODALITIES, CoveredShard, IndexManifest,
-                             IndexShard, Memory, MemoryIndexError, gpu_available, index_folder,
-                             load_npy, merge_results, read_index, write_index)
 from reco import storage
 from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig
-from reco.schema import MANIFEST, MEMORY_DIR, MemoryManifest, MemoryShard, SkipStats, embeddings_to_numpy
+from reco.contracts import (INDEX_DIR, INDEX_EMBEDDINGS_DIR, MANIFEST, MEMORY_DIR, MODALITIES, CoveredShard,
+                            IndexManifest, IndexShard, MemoryManifest, MemoryShard, SkipStats, embeddings_to_numpy,
+                            index_folder)
+from reco.search import (MemoryIndex, MemoryIndexError, gpu_available, load_npy, merge_results, read_index,
+                         write_index)
 
 log = logging.getLogger(__name__)
 
-TRAINING = "_training.json"
+TRAINED_INDEX = "_training.json"
 PIECES_DIR = "_pieces"
 DONE = "_done.json"
 RECALL_K = 10
@@ -57,7 +58,7 @@ MIN_NEIGHBOURS = 20
 """autofaiss's tuning keeps nprobe high enough that 99% of this many neighbours come back."""
 
 
-class Training(BaseModel):
+class TrainedIndex(BaseModel):
     """`<workdir>/index/_training.json`: the trained empty indices every build adds to."""
     train_id: str
     key: str
@@ -88,27 +89,27 @@ def build_index(cfg: RecoConfig) -> dict[str, IndexManifest]:
     init_ray()
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    training = _training(cfg, memory)
+    trained = _trained_index(cfg, memory)
     seconds["train"] = time.perf_counter() - t
-    if memory.total_rows > cfg.index.growth_warning * training.trained_on_rows:
+    if memory.total_rows > cfg.index.growth_warning * trained.trained_on_rows:
         log.warning("index: the memory has %d rows, %.1fx the %d the index was trained on; "
                     "consider index.retrain=true", memory.total_rows,
-                    memory.total_rows / training.trained_on_rows, training.trained_on_rows)
-    # Append to the previous shards only if they are one consistent generation of this training
+                    memory.total_rows / trained.trained_on_rows, trained.trained_on_rows)
+    # Append to the previous shards only if they are one consistent generation of this trained index
     # with this many shards; otherwise every memory shard is re-added to the trained index.
-    reuse = previous if (previous is not None and previous["image"].train_id == training.train_id
+    reuse = previous if (previous is not None and previous["image"].train_id == trained.train_id
                          and previous["image"].generation == previous["text"].generation
                          and len(previous["image"].shards) == cfg.index.shards) else None
     groups = _assign(cfg.index.shards, memory, reuse)
     covered = {c.path for s in reuse["image"].shards for c in s.memory_shards} if reuse else set()
     t = time.perf_counter()
-    pieces = _add_pieces(cfg, memory, training, [s for s in memory.shards if s.path not in covered])
+    pieces = _add_pieces(cfg, memory, trained, [s for s in memory.shards if s.path not in covered])
     seconds["add"] = time.perf_counter() - t
     generation = 1 + max((m.generation for m in (previous or {}).values()), default=0)
     t = time.perf_counter()
-    drafts = {m: _draft(cfg, m, memory, training, groups, reuse, pieces, generation) for m in MODALITIES}
+    drafts = {m: _merge_modality(cfg, m, memory, trained, groups, reuse, pieces, generation) for m in MODALITIES}
     seconds["merge"] = time.perf_counter() - t
-    manifests = _finish(cfg, drafts, training, seconds)
+    manifests = _finish(cfg, drafts, trained, seconds)
     _remove_stale(cfg, manifests)
     return manifests
 
@@ -208,11 +209,11 @@ def _up_to_date(cfg: RecoConfig, previous: dict[str, IndexManifest], memory: Mem
 
 # ---- 1. training ---------------------------------------------------------------------------
 
-def _training(cfg: RecoConfig, memory: MemoryManifest) -> Training:
+def _trained_index(cfg: RecoConfig, memory: MemoryManifest) -> TrainedIndex:
     """The trained empty indices: reused if they fit the memory and config, else trained."""
-    url = cfg.path(INDEX_DIR, TRAINING)
+    url = cfg.path(INDEX_DIR, TRAINED_INDEX)
     if storage.exists(url):
-        done = Training.model_validate(storage.read_json(url))
+        done = TrainedIndex.model_validate(storage.read_json(url))
         same_memory = (done.memory_model, done.memory_pretrained, done.d) == (memory.model, memory.pretrained, memory.d)
         same_key = cfg.index.key in (None, done.key)
         grown = done.trained_on_rows != memory.total_rows
@@ -222,7 +223,7 @@ def _training(cfg: RecoConfig, memory: MemoryManifest) -> Training:
             what = "memory was re-embedded with another model" if not same_memory else f"key is {done.key}"
             raise ConfigError(f"the index at {cfg.path(INDEX_DIR)} was trained for another setup (its {what}): "
                               "set index.retrain=true to retrain and rebuild it")
-    return _train(cfg, memory)
+    return _train_index(cfg, memory)
 
 
 def _choose_key(cfg: RecoConfig, memory: MemoryManifest) -> str:
@@ -238,7 +239,7 @@ def _choose_key(cfg: RecoConfig, memory: MemoryManifest) -> str:
     return keys[0]
 
 
-def _train(cfg: RecoConfig, memory: MemoryManifest) -> Training:
+def _train_index(cfg: RecoConfig, memory: MemoryManifest) -> TrainedIndex:
     t = time.perf_counter()
     key = _choose_key(cfg, memory)
     train_id = uuid.uuid4().hex[:12]
@@ -256,17 +257,17 @@ def _train(cfg: RecoConfig, memory: MemoryManifest) -> Training:
         x = vectors[modality]
         ok = _valid(x)
         train, queries[modality] = x[:n_train][ok[:n_train]], x[n_train:][ok[n_train:]]
-        trained = _fit(_empty_index(memory.d, key, cfg.index.metric), train, cfg.index.use_gpu)
+        fitted = _fit(_empty_index(memory.d, key, cfg.index.metric), train, cfg.index.use_gpu)
         sizes[modality] = len(train)
-        write_index(trained, _trained_url(cfg, modality, train_id))
+        write_index(fitted, _trained_url(cfg, modality, train_id))
         _save_npy(_queries_url(cfg, modality, train_id), queries[modality])
     log.info("index: trained %s on %d random rows of %d", key, n_train, n)
-    training = Training(train_id=train_id, key=key, d=memory.d, memory_model=memory.model,
-                        memory_pretrained=memory.pretrained, trained_on_rows=n, train_sample=sizes,
-                        recall_queries={m: len(q) for m, q in queries.items()},
-                        seconds=time.perf_counter() - t)
-    storage.write_json_atomic(cfg.path(INDEX_DIR, TRAINING), training.model_dump(mode="json"))
-    return training
+    trained = TrainedIndex(train_id=train_id, key=key, d=memory.d, memory_model=memory.model,
+                           memory_pretrained=memory.pretrained, trained_on_rows=n, train_sample=sizes,
+                           recall_queries={m: len(q) for m, q in queries.items()},
+                           seconds=time.perf_counter() - t)
+    storage.write_json_atomic(cfg.path(INDEX_DIR, TRAINED_INDEX), trained.model_dump(mode="json"))
+    return trained
 
 
 def _fit(index: faiss.Index, train: np.ndarray, use_gpu: bool) -> faiss.Index:
@@ -331,27 +332,27 @@ def _piece_folder(cfg: RecoConfig, train_id: str, shard_path: str) -> str:
 
 
 def _embeddings_name(shard_path: str) -> str:
-    return f"{EMBEDDINGS_DIR}/{shard_path.rsplit('.', 1)[0]}.npy"
+    return f"{INDEX_EMBEDDINGS_DIR}/{shard_path.rsplit('.', 1)[0]}.npy"
 
 
-def _add_pieces(cfg: RecoConfig, memory: MemoryManifest, training: Training,
+def _add_pieces(cfg: RecoConfig, memory: MemoryManifest, trained: TrainedIndex,
                 shards: list[MemoryShard]) -> dict[str, Piece]:
     """Add each memory shard to a copy of the trained index; finished pieces are reused."""
     done, todo = {}, []
     for shard in shards:
-        marker = storage.join(_piece_folder(cfg, training.train_id, shard.path), DONE)
+        marker = storage.join(_piece_folder(cfg, trained.train_id, shard.path), DONE)
         if storage.exists(marker):
             done[shard.path] = Piece.model_validate(storage.read_json(marker))
         else:
             todo.append(shard)
     if todo:
         # One object each, shared by every task (Ray resolves only top-level references).
-        trained = ray.put({m: faiss.serialize_index(read_index(_trained_url(cfg, m, training.train_id)))
+        empty = ray.put({m: faiss.serialize_index(read_index(_trained_url(cfg, m, trained.train_id)))
                            for m in MODALITIES})
-        queries = ray.put({m: np.asarray(load_npy(_queries_url(cfg, m, training.train_id)))
+        queries = ray.put({m: np.asarray(load_npy(_queries_url(cfg, m, trained.train_id)))
                            for m in MODALITIES})
         refs = [_add_piece.remote(cfg.workdir, storage.join(cfg.path(MEMORY_DIR), s.path), s.model_dump(),
-                                  trained, queries, _piece_folder(cfg, training.train_id, s.path))
+                                  empty, queries, _piece_folder(cfg, trained.train_id, s.path))
                 for s in todo]
         log.info("index: adding %d memory shards (%d already done)", len(todo), len(done))
         for piece in ray.get(refs):
@@ -395,10 +396,8 @@ def _count_skipped(x: np.ndarray, ok: np.ndarray, ids: np.ndarray, url: str) -> 
 
 
 def _exact_topk(queries: np.ndarray, x: np.ndarray, ids: np.ndarray, k: int = RECALL_K) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top-k of the queries over these vectors."""
-    flat = faiss.IndexFlatIP(x.shape[1])
-    flat.add(x)
-    scores, rows = flat.search(queries, k)
+    """Brute-force inner-product top-k of the queries over these vectors (faiss.knn)."""
+    scores, rows = faiss.knn(queries, x, k, metric=faiss.METRIC_INNER_PRODUCT)
     return scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
 
 
@@ -431,7 +430,7 @@ def _assign(n: int, memory: MemoryManifest, reuse: dict[str, IndexManifest] | No
     return groups
 
 
-def _draft(cfg: RecoConfig, modality: str, memory: MemoryManifest, training: Training,
+def _merge_modality(cfg: RecoConfig, modality: str, memory: MemoryManifest, trained: TrainedIndex,
            groups: list[list[MemoryShard]], reuse: dict[str, IndexManifest] | None,
            pieces: dict[str, Piece], generation: int) -> IndexManifest:
     """The modality's manifest before tuning, its changed shards merged and written."""
@@ -441,8 +440,8 @@ def _draft(cfg: RecoConfig, modality: str, memory: MemoryManifest, training: Tra
     for j, (group, old) in enumerate(zip(groups, before)):
         new = [s for s in group if s.path in pieces]
         if new:
-            base = storage.join(folder, old.path) if old else _trained_url(cfg, modality, training.train_id)
-            parts = [storage.join(_piece_folder(cfg, training.train_id, s.path), f"{modality}.index") for s in new]
+            base = storage.join(folder, old.path) if old else _trained_url(cfg, modality, trained.train_id)
+            parts = [storage.join(_piece_folder(cfg, trained.train_id, s.path), f"{modality}.index") for s in new]
             refs[j] = _merge_shard.remote(base, parts, storage.join(folder, f"shard-{j:05d}-g{generation:05d}.index"))
     merged = dict(zip(refs, ray.get(list(refs.values()))))
     shards = []
@@ -458,14 +457,14 @@ def _draft(cfg: RecoConfig, modality: str, memory: MemoryManifest, training: Tra
     skipped = reuse[modality].skipped.model_copy(deep=True) if reuse else SkipStats()
     for piece in pieces.values():
         skipped.merge(piece.skipped[modality])
-    exact = _merge_exact(cfg, modality, training, reuse, pieces, generation)
+    exact = _merge_exact(cfg, modality, trained, reuse, pieces, generation)
     return IndexManifest(
-        modality=modality, key=training.key, index_param="", metric=cfg.index.metric, d=memory.d,
-        generation=generation, train_id=training.train_id, trained_on_rows=training.trained_on_rows,
-        train_sample=training.train_sample[modality], memory_model=memory.model,
+        modality=modality, key=trained.key, index_param="", metric=cfg.index.metric, d=memory.d,
+        generation=generation, train_id=trained.train_id, trained_on_rows=trained.trained_on_rows,
+        train_sample=trained.train_sample[modality], memory_model=memory.model,
         memory_pretrained=memory.pretrained, shards=shards, total_rows=memory.total_rows,
         ntotal=sum(s.ntotal for s in shards), skipped=skipped, recall_at_10=None,
-        recall_queries=training.recall_queries[modality], exact=exact)
+        recall_queries=trained.recall_queries[modality], exact=exact)
 
 
 @ray.remote(num_cpus=1)
@@ -476,13 +475,13 @@ def _merge_shard(base: str, pieces: list[str], out: str) -> tuple[int, int]:
     return int(index.ntotal), write_index(index, out)
 
 
-def _merge_exact(cfg: RecoConfig, modality: str, training: Training, reuse: dict[str, IndexManifest] | None,
+def _merge_exact(cfg: RecoConfig, modality: str, trained: TrainedIndex, reuse: dict[str, IndexManifest] | None,
                  pieces: dict[str, Piece], generation: int) -> str:
     """Exact top-10 of the recall queries over the covered memory: the previous build's,
     merged with the new pieces'. Saved as `exact-g<generation>.npz`."""
     folder = index_folder(cfg.workdir, modality)
     parts = [_load_npz(storage.join(folder, reuse[modality].exact), modality)] if reuse else []
-    parts += [_load_npz(storage.join(_piece_folder(cfg, training.train_id, p), "exact.npz"), modality)
+    parts += [_load_npz(storage.join(_piece_folder(cfg, trained.train_id, p), "exact.npz"), modality)
               for p in pieces]
     scores, ids = merge_results([p[0] for p in parts], [p[1] for p in parts], RECALL_K)
     name = f"exact-g{generation:05d}.npz"
@@ -492,21 +491,21 @@ def _merge_exact(cfg: RecoConfig, modality: str, training: Training, reuse: dict
 
 # ---- 4. finish: tune, measure, write manifests last ----------------------------------------
 
-def _finish(cfg: RecoConfig, drafts: dict[str, IndexManifest], training: Training,
+def _finish(cfg: RecoConfig, drafts: dict[str, IndexManifest], trained: TrainedIndex,
             seconds: dict[str, float]) -> dict[str, IndexManifest]:
     t = time.perf_counter()
     for modality, draft in drafts.items():
         draft.index_param = cfg.index.index_param or _tune(cfg, draft)
     seconds["tune"] = time.perf_counter() - t
     t = time.perf_counter()
-    memory = Memory.from_manifests(cfg.workdir, drafts)
+    memory = MemoryIndex.from_manifests(cfg.workdir, drafts)
     try:
         for modality, draft in drafts.items():
-            draft.recall_at_10 = _recall(cfg, memory, draft, training)
+            draft.recall_at_10 = _recall(cfg, memory, draft, trained)
     finally:
         memory.close()
     seconds["recall"] = time.perf_counter() - t
-    for modality in reversed(MODALITIES):  # Memory.open reads image first: write it last
+    for modality in reversed(MODALITIES):  # MemoryIndex.open reads image first: write it last
         drafts[modality].seconds = dict(seconds)
         drafts[modality].write(index_folder(cfg.workdir, modality))
         log.info("index %s: %s, %d vectors in %d shards, recall@10 %.3f (%s)", modality, drafts[modality].key,
@@ -525,15 +524,15 @@ def _tune(cfg: RecoConfig, draft: IndexManifest) -> str:
                                        min_nearest_neighbors_to_retrieve=MIN_NEIGHBOURS)
 
 
-def _recall(cfg: RecoConfig, memory: Memory, draft: IndexManifest, training: Training) -> float:
+def _recall(cfg: RecoConfig, memory: MemoryIndex, draft: IndexManifest, trained: TrainedIndex) -> float:
     folder = index_folder(cfg.workdir, draft.modality)
-    queries = np.asarray(load_npy(_queries_url(cfg, draft.modality, training.train_id)))
+    queries = np.asarray(load_npy(_queries_url(cfg, draft.modality, trained.train_id)))
     _, exact = _load_npz(storage.join(folder, draft.exact), draft.modality)
     _, found = memory.search(queries, RECALL_K, draft.modality)
-    return recall_at_k(found, exact)
+    return index_recall(found, exact)
 
 
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+def index_recall(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean fraction of each query's exact neighbours (ignoring -1) that were found."""
     hits = [len(set(f[f >= 0]) & set(e[e >= 0])) / max((e >= 0).sum(), 1) for f, e in zip(found, exact)]
     return float(np.mean(hits)) if hits else 1.0

@@ -14,149 +14,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-import numpy as np
 import pyarrow as pa
+import faiss
 import ray
-from pydantic import BaseModel, Field
-from tqdm import tqdm
 
 from reco import storage
-from reco.cluster import cluster_cpus, cluster_gpus, init_ray
+from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig
-from reco.schema import MANIFEST, MEMORY_DIR, Manifest, MemoryManifest, embedding_array, embeddings_to_numpy
-
-if TYPE_CHECKING:  # indexing.memory loads faiss: not needed by readers of the shards (training)
-    from indexing.memory import Memory
+from reco.contracts import (MANIFEST, MEMORY_DIR, MODALITIES, MemoryManifest, IndexManifest, NeighborsManifest,
+                            NeighborsShard, embeddings_to_numpy, index_folder, neighbors_folder, neighbors_schema,
+                            neighbors_table)
+from reco.search import MemoryIndex, retrieve
+from reco.shard_jobs import ShardActor, actor_resources, find_finished, run_shard_jobs
 
 log = logging.getLogger(__name__)
 
-NEIGHBORS_DIR = "neighbors"
-Modality = Literal["image", "text"]
 META_KEY = b"reco.neighbors"
-OTHER: dict[str, Modality] = {"image": "text", "text": "image"}
 
-
-# ---------------------------------------------------------------- on-disk contract
-
-def neighbors_schema(d: int, k: int, dtype: Literal["float16", "float32"] = "float16") -> pa.Schema:
-    """One row per query pair; nn_text[j] is the text of pair nn_text_ids[j] (found by
-    image->image search), nn_image[j] the image of pair nn_image_ids[j] (text->text)."""
-    vec = pa.list_(pa.float16() if dtype == "float16" else pa.float32(), d)
-    return pa.schema([
-        ("id", pa.int64()), ("key", pa.string()),
-        ("image_embedding", vec), ("text_embedding", vec),
-        ("nn_text", pa.list_(vec, k)), ("nn_image", pa.list_(vec, k)),
-        ("nn_image_ids", pa.list_(pa.int64(), k)), ("nn_text_ids", pa.list_(pa.int64(), k)),
-    ])
-
-
-def nested_array(x: np.ndarray, dtype: Literal["float16", "float32"] = "float16") -> pa.FixedSizeListArray:
-    """(n, k, d) array -> fixed_size_list<fixed_size_list<dtype>[d]>[k] column."""
-    n, k, d = x.shape
-    return pa.FixedSizeListArray.from_arrays(embedding_array(x.reshape(n * k, d), dtype), k)
-
-
-def nested_to_numpy(column: pa.ChunkedArray | pa.FixedSizeListArray, dtype=np.float32) -> np.ndarray:
-    """fixed_size_list<fixed_size_list<float>[d]>[k] column -> (n, k, d) array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    k = column.type.list_size
-    return embeddings_to_numpy(column.flatten(), dtype).reshape(len(column), k, -1)
-
-
-def neighbors_table(ids: np.ndarray, keys: list[str], image: np.ndarray, text: np.ndarray,
-                    nn_text_ids: np.ndarray, nn_text: np.ndarray, nn_image_ids: np.ndarray,
-                    nn_image: np.ndarray, dtype: Literal["float16", "float32"] = "float16") -> pa.Table:
-    k = nn_text_ids.shape[1]
-    ids_col = lambda x: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1).astype(np.int64)), k)  # noqa: E731
-    return pa.Table.from_arrays([
-        pa.array(ids, pa.int64()), pa.array(keys, pa.string()),
-        embedding_array(image, dtype), embedding_array(text, dtype),
-        nested_array(nn_text, dtype), nested_array(nn_image, dtype),
-        ids_col(nn_image_ids), ids_col(nn_text_ids),
-    ], schema=neighbors_schema(image.shape[1], k, dtype))
-
-
-class NeighborsShard(BaseModel):
-    path: str
-    """File name relative to `<workdir>/neighbors/<split>/`."""
-    rows: int
-    source: str
-    """The input (memory-format) shard its queries come from."""
-    short: int = 0
-    """Queries with fewer than k admissible neighbours in a modality (padded: id -1, zeros)."""
-    seconds: float = 0.0
-
-
-class NeighborsManifest(Manifest):
-    split: str
-    input: str
-    model: str
-    pretrained: str | None
-    d: int
-    k: int
-    dtype: Literal["float16", "float32"]
-    dedup_threshold: float
-    shards: list[NeighborsShard] = Field(default_factory=list)
-    total_rows: int = 0
-    short: int = 0
-
-
-# ---------------------------------------------------------------- retrieval
-
-def _admissible(memory: "Memory", cand: np.ndarray, query_images: np.ndarray | None,
-                query_ids: np.ndarray | None, exclude_ids: np.ndarray | None,
-                dedup_threshold: float) -> np.ndarray:
-    """(n, w) bool: candidates that exist, are not the query's own pair, not excluded, and
-    whose image is not a near-duplicate of the query's image (exact cosine, not the index's
-    possibly approximate score)."""
-    keep = cand >= 0
-    if query_ids is not None:
-        keep &= cand != query_ids[:, None]
-    if exclude_ids is not None and len(exclude_ids):
-        keep &= ~np.isin(cand, exclude_ids)
-    if query_images is not None:
-        images = memory.fetch(np.where(keep, cand, -1), "image")
-        keep &= np.einsum("nd,nwd->nw", query_images.astype(np.float32), images) <= dedup_threshold
-    return keep
-
-
-def retrieve(memory: "Memory", queries: np.ndarray, modality: Modality, k: int, *,
-             query_images: np.ndarray | None = None, query_ids: np.ndarray | None = None,
-             dedup_threshold: float = 0.95, exclude_ids: np.ndarray | None = None,
-             margin: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Uni-modal search, cross-modal gather: (ids (n, k) int64, embeddings (n, k, d) float32)
-    of the other modality, best first; -1 and zeros where fewer than k admissible exist.
-
-    Searches k + margin and doubles the width for the queries that still lack k after
-    dropping their own pair (`query_ids`), `exclude_ids`, and image near-duplicates
-    (`query_images`, cosine above `dedup_threshold`), until k remain or all was searched.
-    """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    n = len(queries)
-    out = np.full((n, k), -1, dtype=np.int64)
-    todo = np.arange(n)
-    width = k + margin
-    while todo.size:
-        width = min(width, memory.ntotal)
-        _, cand = memory.search(queries[todo], width, modality)
-        keep = _admissible(memory, cand, None if query_images is None else query_images[todo],
-                           None if query_ids is None else query_ids[todo], exclude_ids, dedup_threshold)
-        done = (keep.sum(axis=1) >= k) | (width >= memory.ntotal)
-        # The admissible candidates first, each group in rank order; then the first k.
-        order = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]
-        picked = np.take_along_axis(cand[done], order, axis=1)
-        picked[~np.take_along_axis(keep[done], order, axis=1)] = -1
-        out[todo[done], :picked.shape[1]] = picked
-        todo = todo[~done]
-        width *= 2
-    return out, memory.fetch(out, OTHER[modality])
-
-
-# ---------------------------------------------------------------- the stage
 
 def _fingerprint(cfg: RecoConfig, input_dir: str, index_generation: int) -> str:
     """What an output shard depends on: a new index generation (the memory grew, or was
@@ -166,25 +42,18 @@ def _fingerprint(cfg: RecoConfig, input_dir: str, index_generation: int) -> str:
                        "index_generation": index_generation})
 
 
-class ShardSearcher:
+class ShardSearcher(ShardActor):
     """A Ray Data actor holding the memory; turns input shards into neighbour shards."""
 
     def __init__(self, cfg_json: str, input_dir: str, out_dir: str, fingerprint: str, threads: int):
-        import faiss
-
-        from indexing.memory import Memory
-
         faiss.omp_set_num_threads(max(1, threads))
         self.cfg = RecoConfig.model_validate_json(cfg_json)
-        self.memory = Memory.open(self.cfg.workdir, use_gpu=bool(ray.get_gpu_ids()))
+        self.memory = MemoryIndex.open(self.cfg.workdir, use_gpu=bool(ray.get_gpu_ids()))
         self.is_memory = input_dir.rstrip("/") == self.cfg.path(MEMORY_DIR).rstrip("/")
         self.out_dir, self.fingerprint = out_dir, fingerprint
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shards = [self.search_shard(str(s), str(p)).model_dump_json() for s, p in zip(batch["source"], batch["path"])]
-        return {"shard": np.array(shards, dtype=object)}
-
-    def search_shard(self, source: str, path: str) -> NeighborsShard:
+    def process(self, source: str, path: str) -> NeighborsShard:
+        """Search every query of one input shard; write its neighbour shard with its record."""
         t0 = time.perf_counter()
         table = storage.read_parquet(source)
         n, dtype = self.cfg.neighbors, self._dtype(table)
@@ -222,24 +91,13 @@ def _finished(url: str, fingerprint: str) -> NeighborsShard | None:
     return NeighborsShard.model_validate(meta["shard"])
 
 
-def _find_finished(out_dir: str, paths: list[str], fingerprint: str) -> dict[str, NeighborsShard | None]:
-    """Records of the output shards already written: one listing, then footers in parallel."""
-    present = {url.rsplit("/", 1)[-1] for url in storage.list_files(out_dir, ".parquet")}
-    found = [p for p in paths if p in present]
-    with ThreadPoolExecutor(16) as pool:
-        records = pool.map(lambda p: _finished(storage.join(out_dir, p), fingerprint), found)
-        return {**dict.fromkeys(paths), **dict(zip(found, records))}
-
-
 def _validate(cfg: RecoConfig, input_dir: str) -> tuple[MemoryManifest, int]:
     """The query split's manifest and the index generation, after checking both."""
-    from indexing.memory import IndexManifest, index_folder
-
     memory = MemoryManifest.read(cfg.path(MEMORY_DIR))
     if memory is None:
         raise ConfigError(f"workdir: no finished memory in {cfg.path(MEMORY_DIR)}; run `reco embed` "
                           "and `reco index` first")
-    for modality in OTHER:
+    for modality in MODALITIES:
         index = IndexManifest.read(index_folder(cfg.workdir, modality))
         if index is None:
             raise ConfigError(f"workdir: no {modality} index in {index_folder(cfg.workdir, modality)}; "
@@ -263,41 +121,28 @@ def _validate(cfg: RecoConfig, input_dir: str) -> tuple[MemoryManifest, int]:
     return queries, index.generation
 
 
-def _searchers(cfg: RecoConfig, jobs: int) -> tuple[int, float, float]:
-    """(actors, cpus each, gpus each) for this cluster."""
-    gpus = cluster_gpus()
-    actors = cfg.neighbors.num_actors or (gpus if gpus else max(1, cluster_cpus() // 4))
-    actors = max(1, min(actors, jobs))
-    return actors, max(1.0, cluster_cpus() / actors) if not gpus else 1.0, 1.0 if gpus else 0.0
-
-
 def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     """`reco neighbors`: write `<workdir>/neighbors/<split>/` for the pairs of
     `neighbors.input` (default the memory), skipping shards already written."""
     input_dir = cfg.neighbors.input or cfg.path(MEMORY_DIR)
     queries, generation = _validate(cfg, input_dir)
-    out_dir = cfg.path(NEIGHBORS_DIR, cfg.neighbors.split)
+    out_dir = neighbors_folder(cfg.workdir, cfg.neighbors.split)
     fingerprint = _fingerprint(cfg, input_dir, generation)
     jobs = [(storage.join(input_dir, s.path), s.path) for s in queries.shards]
-    done = _find_finished(out_dir, [path for _, path in jobs], fingerprint)
+    done = find_finished(out_dir, [path for _, path in jobs], lambda url: _finished(url, fingerprint))
     todo = [(src, path) for src, path in jobs if done[path] is None]
     log.info("%d query shards: %d done, %d to search", len(jobs), len(jobs) - len(todo), len(todo))
     if todo:
         storage.remove(storage.join(out_dir, MANIFEST))  # readers must not mix old and new shards
         init_ray()
-        actors, cpus, gpus = _searchers(cfg, len(todo))
-        ds = ray.data.from_items([{"source": s, "path": p} for s, p in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            ShardSearcher, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
-            fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "input_dir": input_dir,
-                                   "out_dir": out_dir, "fingerprint": fingerprint, "threads": int(cpus)},
-            num_cpus=cpus, num_gpus=gpus)
+        resources = actor_resources(len(todo), num_actors=cfg.neighbors.num_actors, cpus_per_cpu_actor=4)
+        kwargs = {"cfg_json": cfg.model_dump_json(), "input_dir": input_dir, "out_dir": out_dir,
+                  "fingerprint": fingerprint, "threads": int(resources.cpus)}
         rows = {s.path: s.rows for s in queries.shards}
-        with tqdm(total=sum(rows[path] for _, path in todo), unit="query", desc="neighbors", disable=None) as bar:
-            for row in ds.iter_rows():
-                shard = NeighborsShard.model_validate_json(row["shard"])
-                done[shard.path] = shard
-                bar.update(shard.rows)
+        for shard in run_shard_jobs([{"source": s, "path": p} for s, p in todo], ShardSearcher, kwargs,
+                                    resources, NeighborsShard, desc="neighbors", unit="query",
+                                    total=sum(rows[path] for _, path in todo), size=lambda shard: shard.rows):
+            done[shard.path] = shard
     shards = [done[path] for _, path in jobs]
     manifest = NeighborsManifest(
         split=cfg.neighbors.split, input=input_dir, model=queries.model, pretrained=queries.pretrained,

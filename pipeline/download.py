@@ -32,7 +32,7 @@ from reco import storage
 from reco.cluster import cluster_cpus, init_ray
 from reco.config import ConfigError, DownloadConfig, RecoConfig
 from reco.errors import RecoError
-from reco.schema import MANIFEST, Manifest
+from reco.contracts import CORPUS_DIR, MANIFEST, CorpusManifest
 
 # albumentations (imported by img2dataset) asks PyPI for a newer version on import unless told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -44,7 +44,6 @@ from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-CORPUS_DIR = "corpus"
 STAGING_DIR = "_staging"
 """Shards being written; moved into the output folder when complete."""
 TMP_DIR = "_tmp"
@@ -59,23 +58,6 @@ WRITE_FAILURE = "failed while writing the sample (see the worker log)"
 
 class DownloadError(RecoError, RuntimeError):
     """Shards still missing after `download.max_shard_retry` attempts; a re-run retries them."""
-
-
-class CorpusManifest(Manifest):
-    """`<corpus>/_manifest.json`: what became of every row of the URL list."""
-    url_list: str
-    input_files: list[str]
-    shards: int
-    input_rows: int
-    successes: int
-    failed_to_download: int
-    failed_to_resize: int
-    failures: dict[str, int]
-    """Failed rows by reason (img2dataset's error messages); sums to the failed rows."""
-
-    @property
-    def failed(self) -> int:
-        return self.input_rows - self.successes
 
 
 @dataclass

@@ -98,7 +98,8 @@ class EmbedConfig(Section):
 
 class IndexConfig(Section):
     shards: int = Field(1, gt=0)
-    """Index files per modality; each is searched by its own actor with `distributed` search."""
+    """Index files per modality, each holding the vectors of a contiguous run of memory shards;
+    a search asks every index shard and merges their answers by score."""
     key: str | None = None
     """An explicit faiss index factory key (an IVF key, or `Flat`); default: autofaiss
     chooses a memory-mappable key for max_memory and the memory's size."""

@@ -102,7 +102,7 @@ def _memory_and_index(cfg: RecoConfig) -> None:
 def _fusion_training(cfg: RecoConfig, data: dict, scale: DemoScale) -> None:
     from evaluation import demo_world
     from indexing.neighbors import neighbors
-    from pipeline.embed import embed_shards
+    from reco.encode import embed_shards
     from pipeline.tar_samples import list_shards
     from training.train import train
 

@@ -7,7 +7,6 @@ registers a custom architecture's open_clip JSON under `model.name` before creat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -89,19 +88,10 @@ def embed_dim(cfg: ModelConfig) -> int:
 
 
 def _local_checkpoint(src: str) -> str:
-    """A local path for a checkpoint URL, copied once into the cache."""
+    """A local path for a checkpoint URL: fsspec's whole-file cache copies it once."""
     if not _is_remote(src):
         return src.removeprefix("file://")
-    digest = hashlib.sha1(src.encode()).hexdigest()[:16]
-    local = CACHE_DIR / "checkpoints" / f"{digest}-{Path(src).name}"
-    if not local.exists():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_suffix(f".tmp-{os.getpid()}")
-        with fsspec.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            while chunk := fin.read(1 << 24):
-                fout.write(chunk)
-        os.replace(tmp, local)
-    return str(local)
+    return fsspec.open_local(f"filecache::{src}", filecache={"cache_storage": str(CACHE_DIR / "checkpoints")})
 
 
 def load_clip(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> Clip:

@@ -79,7 +79,7 @@ def make_config(workdir: str | Path, **sections: Any) -> RecoConfig:
 
 def write_memory(workdir: str | Path, image, text, shard_rows: int, append: bool = False):
     """Embeddings written as `<workdir>/memory`, as `reco embed` would (model reco-tiny)."""
-    from reco.schema import write_memory as write
+    from reco.contracts import write_memory as write
 
     return write(str(Path(workdir) / "memory"), image, text, shard_rows=shard_rows, append=append,
                  model="reco-tiny")

@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline.embed import embed
 from reco import synthetic
 from reco.config import ConfigError
-from reco.schema import MemoryManifest, embeddings_to_numpy, memory_schema
+from reco.contracts import MemoryManifest, embeddings_to_numpy, memory_schema
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -203,7 +203,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, tiny_checkpoint, caplo
     assert 1 <= staged < 6
     assert not (tmp_path / "killed" / "memory" / "_manifest.json").exists()
 
-    with caplog.at_level(logging.INFO, logger="pipeline.embed"):
+    with caplog.at_level(logging.INFO, logger="reco.encode"):
         from reco.config import load_config
         resumed = embed(load_config(config))
     assert f"{staged} staged, {6 - staged} to embed" in caplog.text

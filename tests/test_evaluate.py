@@ -12,18 +12,17 @@ import torchvision
 from clip_benchmark.metrics import zeroshot_classification as cb
 
 from evaluation.datasets import prepare_dataset
-from evaluation.evaluate import embed_images, check_evaluate, evaluate, near_duplicate_ids
-from evaluation.metrics import recall_at_k, topk_accuracy, topk_predictions
+from evaluation.evaluate import embed_images, check_evaluate, evaluate
+from evaluation.metrics import retrieval_recall, topk_accuracy, topk_predictions
 from evaluation.report import REPORT_FILES
 from indexing.build import build_index
-from indexing.memory import Memory
-from indexing.neighbors import retrieve
 from pipeline.embed import embed
 from reco import synthetic
 from reco.config import ConfigError
 from reco.models import load_clip
+from reco.search import MemoryIndex, near_duplicate_ids, retrieve
 from tests.conftest import make_config
-from training.fusion import RecoFusion, save_fusion
+from reco.fusion import RecoFusion, save_fusion
 
 TEMPLATES = ["a photo of a {c}.", "a {c}."]
 N_CLASSES, PER_CLASS = 8, 5
@@ -67,7 +66,7 @@ def test_recall_at_k_equals_direct_computation():
     text_image = np.repeat(np.arange(12), 2)  # two captions per image
     texts = images[text_image] + 0.9 * rng.standard_normal((24, 8)).astype(np.float32)
     texts /= np.linalg.norm(texts, axis=1, keepdims=True)
-    got = recall_at_k(images, texts, text_image)
+    got = retrieval_recall(images, texts, text_image)
     for k in (1, 5, 10):
         i2t, t2i = direct_recall(images, texts, text_image, k)
         assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t)
@@ -79,7 +78,7 @@ def test_recall_and_accuracy_on_a_hand_checked_case():
     e = np.eye(3, dtype=np.float32)
     # Caption 0 is nearer image 1 than its own image 0, but image 0 still ranks it first.
     texts = np.array([[0.1, 0.9, 0], [0, 1, 0], [0, 0, 1]], np.float32)
-    got = recall_at_k(e, texts, np.array([0, 1, 2]), ks=(1,))
+    got = retrieval_recall(e, texts, np.array([0, 1, 2]), ks=(1,))
     assert got == {"image_to_text_R@1": pytest.approx(100), "text_to_image_R@1": pytest.approx(200 / 3)}
     assert topk_accuracy(e, e, np.array([0, 1, 1]), ks=(1,)) == {"top1": pytest.approx(200 / 3)}
 
@@ -151,7 +150,7 @@ def test_baseline_equals_clip_benchmark(world):
 def test_dedup_removes_planted_duplicates(world):
     cfg, report, _ = world
     _, images = stored_images(cfg)
-    memory = Memory.open(cfg.workdir)
+    memory = MemoryIndex.open(cfg.workdir)
     planted_ids = np.arange(60, 60 + PLANTED)  # the copies were embedded last
     excluded = near_duplicate_ids(memory, images, cfg.neighbors.dedup_threshold)
     assert set(planted_ids) <= set(excluded.tolist())

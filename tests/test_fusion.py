@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.fusion import FusionModule, RecoFusion, load_fusion, save_fusion
+from reco.fusion import FusionModule, RecoFusion, load_fusion, save_fusion
 
 
 def test_parameter_count_at_d512():

@@ -1,4 +1,4 @@
-"""`reco index` and `Memory`: ids map to memory rows, shards agree, recall, append, Ray nodes, bad input."""
+"""`reco index` and `MemoryIndex`: ids map to memory rows, shards agree, recall, append, Ray nodes, bad input."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from indexing.build import build_index, recall_at_k
-from indexing.memory import IndexManifest, Memory, MemoryIndexError, index_folder
+from indexing.build import build_index, index_recall
 from reco.config import ConfigError
-from reco.schema import MemoryManifest, embedding_array, memory_schema
+from reco.contracts import IndexManifest, MemoryManifest, embedding_array, index_folder, memory_schema
+from reco.search import MemoryIndex, MemoryIndexError
 from reco.synthetic import clustered_embeddings
 from tests.conftest import make_config, start_local_ray, write_memory
 
@@ -46,7 +46,7 @@ def test_ids_map_back_to_memory_rows_and_fetch(tmp_path, pairs):
     write_memory(tmp_path, image, text, shard_rows=400)
     manifests = build_index(cfg_for(tmp_path, key="Flat", shards=2))
     assert manifests["image"].ntotal == 1200 and len(manifests["image"].shards) == 2
-    memory = Memory.open(str(tmp_path))
+    memory = MemoryIndex.open(str(tmp_path))
     assert (memory.d, memory.ntotal) == (D, 1200)
     x16 = image.astype(np.float16).astype(np.float32)  # the memory stores float16
     queries = image[[5, 450, 1199]]
@@ -79,8 +79,8 @@ def test_one_and_three_shards_agree(tmp_path, pairs):
     assert len(three["text"].shards) == 3 and three["text"].ntotal == one["text"].ntotal == 1200
     queries = clustered(50, seed=7)[0]
     for modality in ("image", "text"):
-        s1, i1 = Memory.open(str(tmp_path / "a")).search(queries, 10, modality)
-        s3, i3 = Memory.open(str(tmp_path / "b")).search(queries, 10, modality)
+        s1, i1 = MemoryIndex.open(str(tmp_path / "a")).search(queries, 10, modality)
+        s3, i3 = MemoryIndex.open(str(tmp_path / "b")).search(queries, 10, modality)
         np.testing.assert_array_equal(i1, i3)
         np.testing.assert_allclose(s1, s3, rtol=1e-6)
 
@@ -94,9 +94,9 @@ def test_recall_at_default_budget(tmp_path):
         assert manifests[modality].recall_at_10 >= 0.95
         # Independent check on fresh queries against brute force.
         queries = clustered(200, seed=8)[0 if modality == "image" else 1]
-        _, ids = Memory.open(str(tmp_path)).search(queries, 10, modality)
+        _, ids = MemoryIndex.open(str(tmp_path)).search(queries, 10, modality)
         exact = exact_search(x.astype(np.float16).astype(np.float32), queries, 10)
-        assert recall_at_k(ids, exact) >= 0.95
+        assert index_recall(ids, exact) >= 0.95
     on_disk = json.loads((tmp_path / "index/image/_manifest.json").read_text())
     assert on_disk["shards"][1]["memory_shards"][0]["id_start"] == 4000
 
@@ -116,14 +116,14 @@ def test_append_adds_new_shards_without_retraining(tmp_path, caplog):
     assert second["image"].ntotal == 1200
     assert "adding 2 memory shards" in caplog.text
     # Queries on the new rows find them.
-    _, ids = Memory.open(str(tmp_path / "inc")).search(new_img[[0, 599]], 1, "image")
+    _, ids = MemoryIndex.open(str(tmp_path / "inc")).search(new_img[[0, 599]], 1, "image")
     assert ids[:, 0].tolist() == [600, 1199]
     # Equals a from-scratch build on the same rows.
     write_memory(tmp_path / "full", np.concatenate([old_img, new_img]), np.concatenate([old_txt, new_txt]), 300)
     build_index(cfg_for(tmp_path / "full", key="Flat", shards=2))
     queries = clustered(40, seed=9)[1]
-    inc = Memory.open(str(tmp_path / "inc")).search(queries, 10, "text")
-    full = Memory.open(str(tmp_path / "full")).search(queries, 10, "text")
+    inc = MemoryIndex.open(str(tmp_path / "inc")).search(queries, 10, "text")
+    full = MemoryIndex.open(str(tmp_path / "full")).search(queries, 10, "text")
     np.testing.assert_array_equal(inc[1], full[1])
     np.testing.assert_allclose(inc[0], full[0], rtol=1e-6)
     # A re-run with nothing new changes nothing; files of the previous generation are gone.
@@ -160,10 +160,10 @@ def test_interrupted_update_is_refused_then_repaired(tmp_path):
     stale["generation"] -= 1
     path.write_text(json.dumps(stale))
     with pytest.raises(MemoryIndexError, match="generations 0 and 1.*re-run `reco index`"):
-        Memory.open(str(tmp_path))
+        MemoryIndex.open(str(tmp_path))
     repaired = build_index(cfg)
     assert repaired["image"].generation == repaired["text"].generation == 2 and repaired["image"].ntotal == 400
-    _, ids = Memory.open(str(tmp_path)).search(image[[399]], 1, "image")
+    _, ids = MemoryIndex.open(str(tmp_path)).search(image[[399]], 1, "image")
     assert ids[0, 0] == 399
 
 
@@ -173,7 +173,7 @@ def test_two_node_cluster_search_equals_local(tmp_path, pairs):
     write_memory(tmp_path, image, text, shard_rows=400)
     build_index(cfg_for(tmp_path, key="IVF8,Flat", index_param="nprobe=3", shards=3))
     queries = clustered(30, seed=11)[0]
-    local = Memory.open(str(tmp_path))
+    local = MemoryIndex.open(str(tmp_path))
     want = local.search(queries, 10, "image")
     want_fetch = local.fetch(want[1], "text")
     from ray.cluster_utils import Cluster
@@ -184,7 +184,7 @@ def test_two_node_cluster_search_equals_local(tmp_path, pairs):
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
-        remote = Memory.open(str(tmp_path), distributed=True)
+        remote = MemoryIndex.open(str(tmp_path), distributed=True)
         got = remote.search(queries, 10, "image")
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
@@ -211,7 +211,7 @@ def test_nan_and_zero_vectors_are_skipped_and_counted(tmp_path):
     assert manifests["image"].skipped.by_reason == {"zero vector": 2}
     assert manifests["text"].skipped.by_reason == {"non-finite vector": 1}
     assert {e["key"] for e in manifests["image"].skipped.examples} == {"10", "20"}
-    memory = Memory.open(str(tmp_path))
+    memory = MemoryIndex.open(str(tmp_path))
     _, ids = memory.search(image[[10, 11]] + 0.01, 300, "image")
     assert 10 not in ids and 20 not in ids and 11 in ids
 
@@ -250,14 +250,14 @@ def test_missing_or_truncated_index_file_is_an_error(tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(MemoryIndexError, match=rf"{shard.name} has \d+ bytes.*truncated"):
-        Memory.open(str(tmp_path))
+        MemoryIndex.open(str(tmp_path))
     shard.unlink()
     with pytest.raises(MemoryIndexError, match=rf"{shard.name} is missing"):
-        Memory.open(str(tmp_path))
+        MemoryIndex.open(str(tmp_path))
     (tmp_path / "index/image/embeddings/part-00002.npy").unlink()
     shard.write_bytes(data)
     with pytest.raises(MemoryIndexError, match=r"part-00002\.npy is missing"):
-        Memory.open(str(tmp_path))
+        MemoryIndex.open(str(tmp_path))
 
 
 def test_config_errors_before_any_work(tmp_path):

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexing.build import build_index
-from indexing.memory import Memory
-from indexing.neighbors import NeighborsManifest, embeddings_to_numpy, nested_to_numpy, neighbors, retrieve
+from indexing.neighbors import neighbors
+from reco.contracts import NeighborsManifest, embeddings_to_numpy, nested_to_numpy
+from reco.search import MemoryIndex, retrieve
 from reco.config import ConfigError
 from tests.conftest import make_config, write_memory
 
@@ -67,7 +68,7 @@ def brute_force(image: np.ndarray, text: np.ndarray, q: int, modality: str, thre
 
 
 def test_retrieve_drops_self_and_near_duplicates_only(workdir):
-    memory = Memory.open(str(workdir))
+    memory = MemoryIndex.open(str(workdir))
     image, text = (x.astype(np.float16).astype(np.float32) for x in memory_pairs())
     ids = np.arange(N)
     common = dict(k=K, query_images=image, query_ids=ids, dedup_threshold=0.95, margin=3)
@@ -89,7 +90,7 @@ def test_retrieve_drops_self_and_near_duplicates_only(workdir):
 
 
 def test_retrieve_excludes_ids_and_pads_when_too_few_remain(workdir):
-    memory = Memory.open(str(workdir))
+    memory = MemoryIndex.open(str(workdir))
     image, _ = memory_pairs()
     got, _ = retrieve(memory, image[:1], "image", K, exclude_ids=np.array(NEAR_DUPS))
     assert got[0, 0] == 0 and not set(NEAR_DUPS) & set(got[0])  # no query_ids: the pair itself may come

@@ -20,10 +20,10 @@ import pytest
 import torch
 import yaml
 
-from indexing.neighbors import NeighborsManifest, neighbors_table
 from reco.config import ConfigError, RecoConfig
+from reco.contracts import NeighborsManifest, neighbors_table
+from reco.fusion import load_fusion
 from tests.conftest import make_config
-from training.fusion import load_fusion
 from training.loop import NonFiniteLossError
 from training import synthetic_split as synthetic
 from training.loss import RecoLoss

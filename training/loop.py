@@ -21,12 +21,11 @@ import ray.train.torch
 import torch
 from pydantic import BaseModel
 
-from indexing.neighbors import nested_to_numpy
 from reco import storage
 from reco.config import ConfigError, RecoConfig
+from reco.contracts import embeddings_to_numpy, nested_to_numpy
 from reco.errors import RecoError
-from reco.schema import embeddings_to_numpy
-from training.fusion import RecoFusion, save_fusion
+from reco.fusion import RecoFusion, save_fusion
 from training.loss import RecoLoss
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexing.neighbors import NEIGHBORS_DIR, NeighborsManifest, NeighborsShard, neighbors_table
 from reco import storage
+from reco.contracts import NEIGHBORS_DIR, NeighborsManifest, NeighborsShard, neighbors_table
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

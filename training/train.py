@@ -17,21 +17,17 @@ import ray.train
 from ray.train import DataConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from indexing.neighbors import NEIGHBORS_DIR, NeighborsManifest
 from reco import storage
 from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig
-from training.fusion import META_FILE
+from reco.contracts import (FUSION_META, TRAIN_DIR, NeighborsManifest, fusion_model_dir, fusion_model_name,
+                            neighbors_folder)
 from training.loop import NonFiniteLossError, Plan, load_checkpoint, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 RUNTIME_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every"}
 """Train settings that may change between a run and its resumption."""
-
-
-def run_name(cfg: RecoConfig) -> str:
-    return "model" if cfg.train.retrieval else "model-noretrieval"
 
 
 def _check_shards(manifest: NeighborsManifest, folder: str, k: int) -> list[str]:
@@ -54,7 +50,7 @@ def _check_shards(manifest: NeighborsManifest, folder: str, k: int) -> list[str]
 
 def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
     t = cfg.train
-    folder = cfg.path(NEIGHBORS_DIR, t.split)
+    folder = neighbors_folder(cfg.workdir, t.split)
     manifest = NeighborsManifest.read(folder)
     if manifest is None:
         raise ConfigError(f"train.split: no finished neighbour split in {folder}; run `reco neighbors` "
@@ -78,7 +74,7 @@ def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
 def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
     t = cfg.train
     k = manifest.k if t.retrieval else 0
-    name = run_name(cfg)
+    name = fusion_model_name(t.retrieval)
     # Equal splits: every worker gets rows // W pairs and drops its last partial batch.
     steps_per_epoch = (manifest.total_rows // t.num_workers) // (t.batch_size // t.num_workers)
     identity = {"split": t.split, "model": manifest.model, "pretrained": manifest.pretrained,
@@ -88,14 +84,14 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
                    **{key: v for key, v in t.model_dump(mode="json").items() if key not in RUNTIME_KEYS}}
     return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
                 total_steps=steps_per_epoch * t.epochs,
-                checkpoint=cfg.path("train", "checkpoints", f"{name}.pt"),
-                model_dir=cfg.path("train", name), logdir=cfg.path("train", "logs", name),
+                checkpoint=cfg.path(TRAIN_DIR, "checkpoints", f"{name}.pt"),
+                model_dir=fusion_model_dir(cfg.workdir, t.retrieval), logdir=cfg.path(TRAIN_DIR, "logs", name),
                 fingerprint=fingerprint, neighbors=identity)
 
 
 def _finished(plan: Plan) -> dict | None:
     """The saved metadata when this exact run already finished; an error for another run."""
-    url = storage.join(plan.model_dir, META_FILE)
+    url = storage.join(plan.model_dir, FUSION_META)
     if not storage.exists(url):
         return None
     meta = storage.read_json(url)
@@ -143,4 +139,4 @@ def train(cfg: RecoConfig) -> dict:
             if isinstance(failure, NonFiniteLossError):
                 raise failure from None
         raise
-    return storage.read_json(storage.join(plan.model_dir, META_FILE))
+    return storage.read_json(storage.join(plan.model_dir, FUSION_META))

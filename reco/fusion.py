@@ -1,4 +1,4 @@
-"""The fusion modules phi_image and phi_text (DESIGN.md section 1).
+"""The fusion modules phi_image and phi_text (DESIGN.md section 1): trained by `reco train`, applied by evaluation.
 
 Each is one pre-norm transformer encoder layer (width d, 8 heads, MLP 4d) over the
 tokens [query, r_1..r_k]; the output at the query's position, L2-normalised, is the
@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reco import storage
+from reco.contracts import FUSION_META, FUSION_WEIGHTS
 
-WEIGHTS_FILE = "fusion.pt"
-META_FILE = "config.json"
 INIT_TEMPERATURE = 0.07
 """CLIP's initial temperature; the logit scale is learnt from log(1/0.07)."""
 
@@ -60,19 +59,19 @@ def save_fusion(model: RecoFusion, meta: dict, model_dir: str) -> None:
     """Weights first, then the metadata (its presence means the folder is complete)."""
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
-    storage.write_bytes_atomic(storage.join(model_dir, WEIGHTS_FILE), buf.getvalue())
-    storage.write_json_atomic(storage.join(model_dir, META_FILE), meta)
+    storage.write_bytes_atomic(storage.join(model_dir, FUSION_WEIGHTS), buf.getvalue())
+    storage.write_json_atomic(storage.join(model_dir, FUSION_META), meta)
 
 
 def load_fusion(model_dir: str) -> tuple[RecoFusion, dict]:
     """The trained fusion modules in `model_dir` (CPU, eval mode) and the metadata saved with
     them: d, heads, mlp_ratio, k, retrieval, steps and the full config that trained them."""
-    meta_url = storage.join(model_dir, META_FILE)
+    meta_url = storage.join(model_dir, FUSION_META)
     if not storage.exists(meta_url):
-        raise FileNotFoundError(f"{model_dir} holds no finished fusion model ({META_FILE} missing); "
+        raise FileNotFoundError(f"{model_dir} holds no finished fusion model ({FUSION_META} missing); "
                                 "run `reco train` first")
     meta = storage.read_json(meta_url)
     model = RecoFusion(meta["d"], meta["heads"], meta["mlp_ratio"])
-    with fsspec.open(storage.join(model_dir, WEIGHTS_FILE), "rb") as f:
+    with fsspec.open(storage.join(model_dir, FUSION_WEIGHTS), "rb") as f:
         model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
     return model.eval(), meta

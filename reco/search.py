@@ -1,6 +1,6 @@
-"""Searching the memory: the index shards of `<workdir>/index/{image,text}/`, merged by score.
+"""Searching the memory: index shards, search merged by score, fetch by id, retrieval with exclusions.
 
-`Memory.open(workdir)` reads the two modality manifests (written last by `reco index`)
+`MemoryIndex.open(workdir)` reads the two modality manifests (written last by `reco index`)
 and loads every index shard, memory-mapped where the index type allows, beside the
 embedding copies of the memory shards it covers (`embeddings/part-*.npy`, row = id -
 id_start). A `ShardServer` holds one index shard of both modalities and answers search
@@ -8,6 +8,11 @@ and fetch for the ids it covers; locally the servers are plain objects, with
 `distributed=True` they are Ray actors spread over the cluster's nodes. Search asks
 every shard for its k best and merges them by score; fetch routes each id to the shard
 that holds it, so gathering costs one memory-mapped row read per id.
+
+On top of it, `retrieve` is RECO's uni-modal search with cross-modal gather, dropping a
+query's own pair and its image near-duplicates, and `near_duplicate_ids` finds the memory
+pairs that copy evaluation images. `reco index`, `reco neighbors` and `reco evaluate` all
+search through this module.
 """
 
 from __future__ import annotations
@@ -15,83 +20,23 @@ from __future__ import annotations
 import io
 import logging
 import math
-from typing import Literal
 
 import faiss
 import numpy as np
 import ray
 from autofaiss.indices.index_utils import set_search_hyperparameters
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, Field
 
 from reco import storage
+from reco.contracts import (INDEX_DIR, MANIFEST, MODALITIES, OTHER, CoveredShard, IndexManifest, IndexShard,
+                            Modality, index_folder)
 from reco.errors import RecoError
-from reco.schema import MANIFEST, Manifest, SkipStats
 
 log = logging.getLogger(__name__)
-
-Modality = Literal["image", "text"]
-MODALITIES: tuple[Modality, Modality] = ("image", "text")
-INDEX_DIR = "index"
-EMBEDDINGS_DIR = "embeddings"
 
 
 class MemoryIndexError(RecoError, RuntimeError):
     """An index that cannot be built or opened as it stands; the message names the file."""
-
-
-class CoveredShard(BaseModel):
-    """A memory shard whose vectors an index shard holds, and its embedding copy."""
-    path: str
-    """Memory shard file name under `<workdir>/memory/`."""
-    rows: int
-    id_start: int
-    id_end: int
-    embeddings: str
-    """The `.npy` copy of its embeddings, relative to the modality folder."""
-
-
-class IndexShard(BaseModel):
-    path: str
-    """Index file name, relative to the modality folder."""
-    ntotal: int
-    bytes: int
-    """File size: a shorter file on disk is a truncated copy."""
-    memory_shards: list[CoveredShard]
-
-
-class IndexManifest(Manifest):
-    """`<workdir>/index/<modality>/_manifest.json`: what the index holds; written last."""
-    modality: Modality
-    key: str
-    """The faiss index factory key (chosen by autofaiss unless `index.key` names one)."""
-    index_param: str
-    """Search hyperparameters (nprobe, efSearch...) set on every shard at load time."""
-    metric: str
-    d: int
-    generation: int
-    """Bumped by every build that changes the index; both modalities carry the same one."""
-    train_id: str
-    trained_on_rows: int
-    """Memory rows when the index was trained; the sample was drawn from these."""
-    train_sample: int
-    memory_model: str
-    memory_pretrained: str | None
-    shards: list[IndexShard]
-    total_rows: int
-    """Memory rows covered (ids 0..total_rows-1); skipped rows are in no shard."""
-    ntotal: int
-    skipped: SkipStats = Field(default_factory=SkipStats)
-    recall_at_10: float | None
-    """Mean recall@10 of the sharded search against exact search, on held-out queries."""
-    recall_queries: int
-    exact: str
-    """The exact top-10 of the recall queries over the covered memory (`.npz`)."""
-    seconds: dict[str, float] = Field(default_factory=dict)
-
-
-def index_folder(workdir: str, modality: str) -> str:
-    return storage.join(workdir, INDEX_DIR, modality)
 
 
 def _local_path(url: str) -> str | None:
@@ -202,8 +147,8 @@ class ShardServer:
         return out
 
 
-class Memory:
-    """The external memory: sharded image and text indices plus embedding lookup by id."""
+class MemoryIndex:
+    """The searchable memory: sharded image and text indices plus embedding lookup by id."""
 
     def __init__(self, workdir: str, manifests: dict[str, IndexManifest], servers: list,
                  distributed: bool):
@@ -221,7 +166,7 @@ class Memory:
         self._owner = np.array([c[1] for c in covered], dtype=np.int64)
 
     @classmethod
-    def open(cls, workdir: str, *, use_gpu: bool = False, distributed: bool = False) -> "Memory":
+    def open(cls, workdir: str, *, use_gpu: bool = False, distributed: bool = False) -> "MemoryIndex":
         """Load the indices built by `reco index` under `workdir`."""
         manifests = {}
         for modality in MODALITIES:
@@ -234,7 +179,7 @@ class Memory:
 
     @classmethod
     def from_manifests(cls, workdir: str, manifests: dict[str, IndexManifest], *, use_gpu: bool = False,
-                       distributed: bool = False) -> "Memory":
+                       distributed: bool = False) -> "MemoryIndex":
         image, text = manifests["image"], manifests["text"]
         layout = [[c.path for c in s.memory_shards] for s in image.shards]
         if image.generation != text.generation or layout != [[c.path for c in s.memory_shards] for s in text.shards]:
@@ -323,3 +268,83 @@ def _start_actors(workdir: str, specs: list[dict], params: dict[str, str], use_g
     # Fail here, naming the bad file, rather than at the first search.
     ray.get([s.__ray_ready__.remote() for s in servers])
     return servers
+
+
+# ---------------------------------------------------------------- retrieval
+
+def _admissible(memory: MemoryIndex, cand: np.ndarray, query_images: np.ndarray | None,
+                query_ids: np.ndarray | None, exclude_ids: np.ndarray | None,
+                dedup_threshold: float) -> np.ndarray:
+    """(n, w) bool: candidates that exist, are not the query's own pair, not excluded, and
+    whose image is not a near-duplicate of the query's image (exact cosine, not the index's
+    possibly approximate score)."""
+    keep = cand >= 0
+    if query_ids is not None:
+        keep &= cand != query_ids[:, None]
+    if exclude_ids is not None and len(exclude_ids):
+        keep &= ~np.isin(cand, exclude_ids)
+    if query_images is not None:
+        images = memory.fetch(np.where(keep, cand, -1), "image")
+        keep &= np.einsum("nd,nwd->nw", query_images.astype(np.float32), images) <= dedup_threshold
+    return keep
+
+
+def retrieve(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: int, *,
+             query_images: np.ndarray | None = None, query_ids: np.ndarray | None = None,
+             dedup_threshold: float = 0.95, exclude_ids: np.ndarray | None = None,
+             margin: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Uni-modal search, cross-modal gather: (ids (n, k) int64, embeddings (n, k, d) float32)
+    of the other modality, best first; -1 and zeros where fewer than k admissible exist.
+
+    Searches k + margin and doubles the width for the queries that still lack k after
+    dropping their own pair (`query_ids`), `exclude_ids`, and image near-duplicates
+    (`query_images`, cosine above `dedup_threshold`), until k remain or all was searched.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n = len(queries)
+    out = np.full((n, k), -1, dtype=np.int64)
+    todo = np.arange(n)
+    width = k + margin
+    while todo.size:
+        width = min(width, memory.ntotal)
+        _, cand = memory.search(queries[todo], width, modality)
+        keep = _admissible(memory, cand, None if query_images is None else query_images[todo],
+                           None if query_ids is None else query_ids[todo], exclude_ids, dedup_threshold)
+        done = (keep.sum(axis=1) >= k) | (width >= memory.ntotal)
+        # The admissible candidates first, each group in rank order; then the first k.
+        order = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]
+        picked = np.take_along_axis(cand[done], order, axis=1)
+        picked[~np.take_along_axis(keep[done], order, axis=1)] = -1
+        out[todo[done], :picked.shape[1]] = picked
+        todo = todo[~done]
+        width *= 2
+    return out, memory.fetch(out, OTHER[modality])
+
+
+def near_duplicate_ids(memory: MemoryIndex, images: np.ndarray, threshold: float, k: int = 16) -> np.ndarray:
+    """Sorted unique memory ids whose image has cosine > threshold with any of `images`.
+
+    A test image can have more near-copies than k: rows whose k-th hit is still above the
+    threshold are searched again with k four times larger.
+    """
+    found = [np.zeros(0, np.int64)]
+    rows = np.arange(len(images))
+    while rows.size:
+        k = min(k, memory.ntotal)
+        scores, ids = memory.search(np.ascontiguousarray(images[rows], np.float32), k, "image")
+        hit = (scores > threshold) & (ids >= 0)
+        found.append(ids[hit])
+        if k >= memory.ntotal:
+            break
+        rows, k = rows[hit[:, -1]], k * 4
+    return np.unique(np.concatenate(found))
+
+
+def neighbour_embeddings(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: int,
+                         exclude: np.ndarray, threshold: float) -> np.ndarray:
+    """(n, k, d) cross-modal embeddings of the queries' uni-modal neighbours, leaving out
+    `exclude` and, for image queries, the images' near-duplicates."""
+    _, emb = retrieve(memory, np.ascontiguousarray(queries, np.float32), modality, k,
+                      query_images=queries if modality == "image" else None,
+                      dedup_threshold=threshold, exclude_ids=exclude)
+    return emb

@@ -1,0 +1,297 @@
+"""The frozen CLIP over data: webdataset shards -> memory-format Parquet, and texts -> embeddings.
+
+The unit of work is one input shard: a replica of the frozen model (a Ray Data actor)
+reads it, decodes and preprocesses images in threads ahead of the forward pass,
+encodes images and captions, and writes one staged Parquet file carrying its stats.
+Finished staged files are skipped on a re-run. Ids depend on the row counts of all
+earlier shards, so they are assigned once every input is staged: Ray tasks copy each
+staged file to its `part-NNNNN.parquet` with ids, and the manifest is written last.
+New input shards embedded later are appended with ids continuing.
+
+`reco embed` writes the memory with it; `reco evaluate` embeds its test sets with the
+same code, so both sides of every comparison pass through one path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from PIL import Image
+
+from pipeline.tar_samples import TarSample, TruncatedShard, iter_tar_samples
+from reco import storage
+from reco.cluster import cluster_gpus, init_ray
+from reco.config import ConfigError, RecoConfig
+from reco.contracts import InputShardStats, MemoryManifest, MemoryShard, SkipStats, embedding_array, memory_schema
+from reco.models import embed_dim, load_clip, validate_model_config
+from reco.shard_jobs import ShardActor, actor_resources, find_finished, run_shard_jobs
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = "_staging"
+STATS_KEY = b"reco.input_stats"
+MODEL_KEY = b"reco.model"
+
+
+def staged_name(source: str) -> str:
+    """A staging file name unique to an input shard URL."""
+    stem = source.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar")
+    return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:12]}.parquet"
+
+
+def model_fingerprint(cfg: RecoConfig) -> str:
+    m = cfg.model
+    return f"{m.name}|{m.pretrained}|{m.config}|{cfg.embed.dtype}|seed={cfg.seed if m.pretrained is None else ''}"
+
+
+def _decode(sample: TarSample, preprocess) -> torch.Tensor | str:
+    """The preprocessed image tensor, or the reason the sample is skipped."""
+    if sample.image is None:
+        return "missing image"
+    if sample.caption is None:
+        return "missing caption"
+    if not sample.caption:
+        return "empty caption"
+    try:
+        with Image.open(io.BytesIO(sample.image)) as img:
+            return preprocess(img.convert("RGB"))
+    except Exception as err:  # PIL raises many types for bad bytes; all mean "unreadable"
+        return f"unreadable image ({type(err).__name__})"
+
+
+def _resolved(value: object) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class ShardEmbedder(ShardActor):
+    """A Ray Data actor holding one frozen model replica; embeds whole input shards."""
+
+    def __init__(self, cfg_json: str, staging: str, cpus: float, decode_threads: int):
+        self.cfg = RecoConfig.model_validate_json(cfg_json)
+        self.staging = staging
+        torch.set_num_threads(max(1, int(cpus)))
+        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.clip = load_clip(self.cfg.model, seed=self.cfg.seed, device=self.device)
+        # On CPU the forward pass owns every core: a decoding thread beside torch's OpenMP
+        # threads stalls them more than decoding in line costs (decode_threads=0).
+        self.pool = ThreadPoolExecutor(decode_threads) if decode_threads > 0 else None
+
+
+    def _batches(self, source: str, stats: InputShardStats) -> Iterator[tuple[list[TarSample], list[torch.Tensor]]]:
+        """Whole batches of decodable samples; decoding runs one batch ahead in threads."""
+        batch_size = self.cfg.embed.batch_size
+        ahead: tuple[list[TarSample], list[Future]] | None = None
+        raw: list[TarSample] = []
+
+        def collect(pending: tuple[list[TarSample], list[Future]]):
+            samples, futures = pending
+            kept, images = [], []
+            for sample, fut in zip(samples, futures):
+                out = fut.result()
+                if isinstance(out, str):
+                    stats.skipped.add(sample.key, out, source)
+                else:
+                    kept.append(sample)
+                    images.append(out)
+            return kept, images
+
+        def submit(samples: list[TarSample]):
+            if self.pool is None:
+                return samples, [_resolved(_decode(s, self.clip.preprocess)) for s in samples]
+            return samples, [self.pool.submit(_decode, s, self.clip.preprocess) for s in samples]
+
+        try:
+            for sample in iter_tar_samples(source):
+                stats.samples += 1
+                raw.append(sample)
+                if len(raw) == batch_size:
+                    current, ahead = ahead, submit(raw)
+                    raw = []
+                    if current is not None:
+                        yield collect(current)
+        except TruncatedShard as err:
+            if err.partial_key is not None:
+                stats.samples += 1
+                stats.skipped.add(err.partial_key, "truncated tar", source)
+            log.warning("%s: %s; kept the %d samples before it", source, err, stats.samples - 1)
+        for pending in (ahead, submit(raw) if raw else None):
+            if pending is not None:
+                yield collect(pending)
+
+    @torch.inference_mode()
+    def _encode(self, images: list[torch.Tensor], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        pixels = torch.stack(images).to(self.device, non_blocking=True)
+        tokens = self.clip.tokenizer(captions).to(self.device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device == "cuda"):
+            img = self.clip.model.encode_image(pixels, normalize=True)
+            txt = self.clip.model.encode_text(tokens, normalize=True)
+        return img.float().cpu().numpy(), txt.float().cpu().numpy()
+
+    def process(self, source: str) -> InputShardStats:
+        """Embed one input shard into a staged Parquet file carrying its stats."""
+        stats = InputShardStats(source=source, samples=0, written=0, skipped=SkipStats())
+        keys, captions, urls, img_parts, txt_parts = [], [], [], [], []
+        t_wait = t_fwd = 0.0
+        t = time.perf_counter()
+        for samples, images in self._batches(source, stats):
+            t_wait += time.perf_counter() - t
+            t = time.perf_counter()
+            if samples:
+                img, txt = self._encode(images, [s.caption for s in samples])
+                img_parts.append(img)
+                txt_parts.append(txt)
+                keys += [s.key for s in samples]
+                captions += [s.caption for s in samples]
+                urls += [s.url for s in samples]
+            t_fwd += time.perf_counter() - t
+            t = time.perf_counter()
+        t_wait += time.perf_counter() - t
+        t = time.perf_counter()
+        d, dtype = self.clip.embed_dim, self.cfg.embed.dtype
+        empty = np.zeros((0, d), np.float32)
+        table = pa.table({
+            "key": pa.array(keys, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "url": pa.array(urls, pa.string()),
+            "image_embedding": embedding_array(np.concatenate(img_parts) if img_parts else empty, dtype),
+            "text_embedding": embedding_array(np.concatenate(txt_parts) if txt_parts else empty, dtype),
+        })
+        stats.written = table.num_rows
+        stats.seconds = {"read_decode_wait": round(t_wait, 3), "forward": round(t_fwd, 3)}
+        stats.seconds["write"] = round(time.perf_counter() - t, 3)
+        table = table.replace_schema_metadata({STATS_KEY: stats.model_dump_json(),
+                                               MODEL_KEY: model_fingerprint(self.cfg)})
+        storage.write_parquet_atomic(storage.join(self.staging, staged_name(source)), table)
+        return stats
+
+
+@ray.remote
+def _finalize_shard(staged_url: str, part_url: str, id_start: int, schema: pa.Schema) -> int:
+    """Copy a staged shard to its memory part with ids id_start.. added in front."""
+    table = storage.read_parquet(staged_url)
+    ids = pa.array(np.arange(id_start, id_start + table.num_rows, dtype=np.int64))
+    table = table.add_column(0, "id", ids).replace_schema_metadata(None).cast(schema)
+    storage.write_parquet_atomic(part_url, table)
+    return table.num_rows
+
+
+def _staged_stats(url: str, fingerprint: str) -> InputShardStats | None:
+    """The stats of a finished staged file, or None if it is from another model."""
+    meta = storage.parquet_schema(url).metadata or {}
+    if meta.get(MODEL_KEY, b"").decode() != fingerprint:
+        log.warning("%s was embedded with another model config; embedding it again", url)
+        return None
+    return InputShardStats.model_validate_json(meta[STATS_KEY])
+
+
+def _check_compatible(previous: MemoryManifest, cfg: RecoConfig, d: int, out_dir: str) -> None:
+    ours = (cfg.model.name, cfg.model.pretrained, d, cfg.embed.dtype)
+    theirs = (previous.model, previous.pretrained, previous.d, previous.dtype)
+    if ours != theirs:
+        raise ConfigError(
+            f"model: {out_dir} holds embeddings of model={previous.model} "
+            f"pretrained={previous.pretrained} d={previous.d} dtype={previous.dtype}, not "
+            f"{ours[0]}/{ours[1]}/d={d}/{ours[3]}: appending would mix embedding spaces. "
+            "Use the same model, or another workdir.")
+
+
+def _decode_threads(cfg: RecoConfig, cpus: float, gpus: float) -> int:
+    """Decoding threads per replica: its CPUs beside a GPU; none (decode in line) on CPU."""
+    if cfg.embed.decode_threads is not None:
+        return cfg.embed.decode_threads
+    return int(cpus) if gpus else 0
+
+
+def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str) -> MemoryManifest:
+    """Embed webdataset shards into a memory-format folder (Parquet parts + manifest).
+
+    Shards already recorded in `out_dir`'s manifest are skipped, new ones appended with
+    ids continuing. Evaluation sets use this too, so they are embedded by the same code.
+    """
+    validate_model_config(cfg.model)
+    d = embed_dim(cfg.model)
+    previous = MemoryManifest.read(out_dir)
+    if previous is not None:
+        _check_compatible(previous, cfg, d, out_dir)
+    done = {s.source for s in previous.inputs} if previous else set()
+    pending = [s for s in sources if s not in done]
+    if not pending:
+        log.info("memory is up to date: all %d input shards embedded", len(sources))
+        return previous
+
+    staging = storage.join(out_dir, STAGING_DIR)
+    fingerprint = model_fingerprint(cfg)
+    found = find_finished(staging, [staged_name(s) for s in pending], lambda url: _staged_stats(url, fingerprint))
+    staged = {source: found[staged_name(source)] for source in pending}
+    todo = [s for s in pending if staged[s] is None]
+    log.info("%d input shards: %d in memory, %d staged, %d to embed",
+             len(sources), len(done), len(pending) - len(todo), len(todo))
+    if todo:
+        init_ray()
+        e = cfg.embed
+        resources = actor_resources(len(todo), num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor,
+                                    gpus_per_actor=e.gpus_per_actor, max_cpus=8)
+        start = time.perf_counter()
+        kwargs = {"cfg_json": cfg.model_dump_json(), "staging": staging, "cpus": resources.cpus,
+                  "decode_threads": _decode_threads(cfg, resources.cpus, resources.gpus)}
+        for stats in run_shard_jobs([{"source": s} for s in todo], ShardEmbedder, kwargs, resources,
+                                    InputShardStats, desc="embed"):
+            staged[stats.source] = stats
+        log.info("embedded %d shards in %.1fs", len(todo), time.perf_counter() - start)
+    return _finalize(cfg, out_dir, previous, pending, staged, d)
+
+
+def _finalize(cfg: RecoConfig, out_dir: str, previous: MemoryManifest | None, pending: list[str],
+              staged: dict[str, InputShardStats], d: int) -> MemoryManifest:
+    manifest = previous or MemoryManifest(model=cfg.model.name, pretrained=cfg.model.pretrained,
+                                          model_config_file=cfg.model.config, d=d, dtype=cfg.embed.dtype)
+    staging = storage.join(out_dir, STAGING_DIR)
+    schema = memory_schema(d, cfg.embed.dtype)
+    jobs = []
+    for source in pending:
+        stats = staged[source]
+        manifest.inputs.append(stats)
+        manifest.skipped.merge(stats.skipped)
+        if stats.written == 0:
+            continue
+        name = f"part-{len(manifest.shards):05d}.parquet"
+        manifest.shards.append(MemoryShard(path=name, rows=stats.written, id_start=manifest.total_rows,
+                                           id_end=manifest.total_rows + stats.written, source=source))
+        jobs.append((storage.join(staging, staged_name(source)), storage.join(out_dir, name),
+                     manifest.total_rows))
+        manifest.total_rows += stats.written
+    if jobs:
+        init_ray()
+        start = time.perf_counter()
+        ray.get([_finalize_shard.remote(*job, schema) for job in jobs])
+        log.info("wrote %d memory parts with ids in %.1fs", len(jobs), time.perf_counter() - start)
+    manifest.write(out_dir)  # last: its presence means the parts above are complete
+    storage.remove(staging, recursive=True)
+    log.info("%s: %d rows in %d shards (%d skipped)", out_dir, manifest.total_rows,
+             len(manifest.shards), manifest.skipped.total)
+    return manifest
+
+
+@ray.remote
+def encode_texts(cfg_json: str, texts: list[str], batch_size: int) -> np.ndarray:
+    """Unit text embeddings (n, d) float32 from the frozen text tower."""
+    cfg = RecoConfig.model_validate_json(cfg_json)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    clip = load_clip(cfg.model, seed=cfg.seed, device=device)
+    parts = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            tokens = clip.tokenizer(texts[i:i + batch_size]).to(device)
+            parts.append(clip.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+    return np.concatenate(parts) if parts else np.zeros((0, clip.embed_dim), np.float32)

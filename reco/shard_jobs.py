@@ -1,0 +1,92 @@
+"""Shard jobs on Ray: the finished-shard scan, a Ray Data queue of shards over a pool of actors, resources, one progress bar.
+
+`reco embed` and `reco neighbors` both turn input shards into output files, one shard per
+unit of work, on actors that hold something expensive (a model replica, the searchable
+memory). A finished output file carries its own record in its Parquet footer, so a re-run
+finds the finished work with one listing and parallel footer reads, and redoes only the rest.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+import numpy as np
+import ray
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from reco import storage
+from reco.cluster import cluster_cpus, cluster_gpus
+
+Record = TypeVar("Record")
+Result = TypeVar("Result", bound=BaseModel)
+
+
+def find_finished(folder: str, names: list[str], record: Callable[[str], Record | None]) -> dict[str, Record | None]:
+    """name -> `record(url)` for the Parquet files of `folder` among `names`, None for the
+    others: one listing (not one request per name, which matters at 100k shards on S3),
+    then the records read in parallel."""
+    present = {url.rsplit("/", 1)[-1] for url in storage.list_files(folder, ".parquet")}
+    found = [name for name in names if name in present]
+    with ThreadPoolExecutor(16) as pool:
+        records = pool.map(lambda name: record(storage.join(folder, name)), found)
+        return {**dict.fromkeys(names), **dict(zip(found, records))}
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    actors: int
+    cpus: float
+    """CPUs each actor reserves."""
+    gpus: float
+    """GPUs each actor reserves."""
+
+
+def actor_resources(jobs: int, *, num_actors: int | None = None, cpus_per_actor: float | None = None,
+                    gpus_per_actor: float | None = None, cpus_per_cpu_actor: int | None = None,
+                    max_cpus: float | None = None) -> ActorResources:
+    """How many actors, and what each reserves, for `jobs` shards on this cluster.
+
+    Defaults: one GPU per actor and one actor per GPU where the cluster has GPUs, else
+    one actor per `cpus_per_cpu_actor` CPUs (one in all if None); never more actors than jobs; the cluster's
+    CPUs shared among the actors (at most `max_cpus` each) unless `cpus_per_actor` is set.
+    """
+    gpus = cluster_gpus()
+    gpus_each = gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if gpus_each:
+        default = max(1, int(gpus // gpus_each))
+    else:
+        default = max(1, cluster_cpus() // cpus_per_cpu_actor) if cpus_per_cpu_actor else 1
+    actors = max(1, min(num_actors or default, jobs))
+    cpus = cpus_per_actor or max(1.0, min(max_cpus or float("inf"), cluster_cpus() / actors))
+    return ActorResources(actors, cpus, gpus_each)
+
+
+class ShardActor:
+    """Base of the actors a shard job runs: `process(**job)` turns one job into its record."""
+
+    def process(self, **job: str) -> BaseModel:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        records = [self.process(**{k: str(v) for k, v in row.items()}).model_dump_json() for row in rows]
+        return {"record": np.array(records, dtype=object)}
+
+
+def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kwargs: dict,
+                   resources: ActorResources, record_type: type[Result], *, desc: str, unit: str = "shard",
+                   total: int | None = None, size: Callable[[Result], int] = lambda record: 1) -> Iterator[Result]:
+    """Each job's record, as the actors finish them (in any order), with one progress bar
+    advanced by `size(record)` out of `total` (default: one per job)."""
+    ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
+    ds = ds.map_batches(actor, batch_size=1, fn_constructor_kwargs=actor_kwargs,
+                        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+                        num_cpus=resources.cpus, num_gpus=resources.gpus)
+    with tqdm(total=len(jobs) if total is None else total, unit=unit, desc=desc, disable=None) as bar:
+        for row in ds.iter_rows():
+            record = record_type.model_validate_json(row["record"])
+            bar.update(size(record))
+            yield record
