@@ -25,13 +25,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.tar_samples import TarSample, TruncatedShard, iter_tar_samples, list_shards
 from reco import storage
 from reco.cluster import cluster_cpus, cluster_gpus, init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.models import embed_dim, load_clip, validate_model_config
 from reco.schema import (MEMORY_DIR, InputShardStats, MemoryManifest, MemoryShard, SkipStats,
                          embedding_array, memory_schema)
+from reco.tars import TarSample, TruncatedShard, iter_tar_samples, list_shards
 
 log = logging.getLogger(__name__)
 

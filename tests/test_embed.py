@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from pipeline.embed import embed
-from reco import synthetic
 from reco.config import ConfigError
+from reco.demo import synthetic
 from reco.schema import MemoryManifest, embeddings_to_numpy, memory_schema
 from tests.conftest import make_config
 

@@ -19,8 +19,8 @@ from indexing.build import build_index
 from indexing.memory import Memory
 from indexing.neighbors import retrieve
 from pipeline.embed import embed
-from reco import synthetic
 from reco.config import ConfigError
+from reco.demo import synthetic
 from reco.models import load_clip
 from tests.conftest import make_config
 from training.fusion import RecoFusion, save_fusion

@@ -15,8 +15,8 @@ import ray
 from indexing.build import build_index, recall_at_k
 from indexing.memory import IndexManifest, Memory, MemoryIndexError, index_folder
 from reco.config import ConfigError
+from reco.demo.synthetic import clustered_embeddings
 from reco.schema import MemoryManifest, embedding_array, memory_schema
-from reco.synthetic import clustered_embeddings
 from tests.conftest import make_config, start_local_ray, write_memory
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -1,6 +1,6 @@
 """The demo's small world: a fine-grained zero-shot task that only a memory can solve.
 
-72 synthetic classes (reco/synthetic.py), each with an invented name. Four disjoint
+72 synthetic classes (reco/demo/synthetic.py), each with an invented name. Four disjoint
 splits, each drawn with its own seed:
 
 - pre-training (coarse captions, all classes): `pretrain_frozen_clip` trains reco-tiny
@@ -27,7 +27,8 @@ import open_clip
 import torch
 from PIL import Image
 
-from reco import storage, synthetic
+from reco import storage
+from reco.demo import synthetic
 from reco.models import register_model_configs
 
 log = logging.getLogger(__name__)
