@@ -10,6 +10,7 @@ import torch
 
 from reco.config import ModelConfig
 from reco.demo import synthetic, world
+from reco.demo.pretrain import pretrain_frozen_clip
 from reco.models import load_clip
 
 
@@ -42,7 +43,7 @@ def test_splits_hold_out_classes_from_fusion_training(tmp_path):
 
 def test_pretrained_checkpoint_loads_as_the_frozen_clip(tmp_path):
     out = tmp_path / "frozen.pt"
-    stats = world.pretrain_frozen_clip(str(out), n_images=64, steps=3, batch_size=16)
+    stats = pretrain_frozen_clip(str(out), n_images=64, steps=3, batch_size=16)
     assert stats["steps"] == 3 and np.isfinite(stats["final_loss"])
     clip = load_clip(ModelConfig(name="reco-tiny", pretrained=str(out)))
     saved = torch.load(out, map_location="cpu", weights_only=True)

@@ -57,15 +57,15 @@ def _step(title: str) -> float:
 
 
 def _frozen_clip(cfg: RecoConfig, scale: DemoScale) -> None:
-    from reco.demo import world
+    from reco.demo.pretrain import pretrain_frozen_clip
 
     start = _step("frozen CLIP: pre-training reco-tiny on coarse captions "
                   "(the demo's stand-in for downloading pretrained weights)")
     if storage.exists(cfg.model.pretrained):
         print(f"  {cfg.model.pretrained} exists")
         return
-    stats = world.pretrain_frozen_clip(cfg.model.pretrained, n_images=scale.pretrain_images,
-                                       steps=scale.pretrain_steps, seed=cfg.seed)
+    stats = pretrain_frozen_clip(cfg.model.pretrained, n_images=scale.pretrain_images,
+                                 steps=scale.pretrain_steps, seed=cfg.seed)
     print(f"  {stats['steps']} steps, final loss {stats['final_loss']}, {time.perf_counter() - start:.0f}s")
 
 
