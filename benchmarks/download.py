@@ -42,7 +42,7 @@ from reco.config import config_from_dict  # noqa: E402
 
 def serve(samples: int, url_list: Path) -> tuple[subprocess.Popen, str]:
     """The corpus server in its own process, so it does not share a GIL with either downloader."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.corpus_server", "--samples", str(samples),
+    proc = subprocess.Popen([sys.executable, "-m", "reco.demo.corpus_server", "--samples", str(samples),
                              "--url-list", str(url_list)], stdout=subprocess.PIPE, text=True)
     return proc, proc.stdout.readline().strip()
 

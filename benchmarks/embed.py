@@ -25,9 +25,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.embed import embed  # noqa: E402
-from reco import synthetic  # noqa: E402
 from reco.cluster import init_ray  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
+from reco.demo import synthetic  # noqa: E402
 from reco.models import load_clip  # noqa: E402
 
 

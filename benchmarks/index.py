@@ -34,8 +34,8 @@ from autofaiss import build_index as autofaiss_build_index  # noqa: E402
 from indexing.build import build_index, index_recall  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
 from reco.contracts import index_folder, write_memory  # noqa: E402
+from reco.demo.synthetic import clustered_embeddings  # noqa: E402
 from reco.search import MemoryIndex  # noqa: E402
-from reco.synthetic import clustered_embeddings  # noqa: E402
 
 
 def clustered(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,10 +33,10 @@ from reco import storage  # noqa: E402
 from reco.cluster import init_ray  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
 from reco.contracts import embeddings_to_numpy, nested_to_numpy  # noqa: E402
+from reco.demo.neighbour_splits import synthetic_split, write_split  # noqa: E402
 from reco.fusion import RecoFusion  # noqa: E402
 from training.loop import lr_factor, make_optimizer  # noqa: E402
 from training.loss import RecoLoss  # noqa: E402
-from training.synthetic_split import synthetic_split, write_split  # noqa: E402
 from training.train import train  # noqa: E402
 
 

@@ -23,9 +23,9 @@ import pyarrow as pa
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from pipeline.tar_samples import TruncatedShard, iter_tar_samples, list_shards
-from reco import storage, synthetic
+from reco import storage
 from reco.config import ConfigError, EvalDataset, RecoConfig
+from reco.tars import TarRecord, TruncatedShard, iter_tar_samples, list_shards, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,10 @@ def _write_shards(records: Iterable[tuple[str, bytes, str, int]], out_dir: str) 
     exactly what torchvision's ImageFolder would); the member is named `.jpg` whatever the
     format, which is harmless because PIL decodes by content, not by name.
     """
-    return synthetic.write_webdataset((synthetic.Sample(*r) for r in records), out_dir, SHARD_SIZE)
+    tar_records = (TarRecord(key, image, caption, {"key": key, "caption": caption, "url": f"synthetic://{key}",
+                                                   "label": label, "status": "success"})
+                   for key, image, caption, label in records)
+    return write_shards(tar_records, out_dir, SHARD_SIZE)
 
 
 def _imagefolder_records(spec: EvalDataset, classnames: list[str], table: dict

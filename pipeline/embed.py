@@ -7,10 +7,10 @@ skips the shards already in the memory and appends new ones with ids continuing.
 
 from __future__ import annotations
 
-from pipeline.tar_samples import list_shards
 from reco.config import RecoConfig
 from reco.contracts import CORPUS_DIR, MEMORY_DIR, MemoryManifest
 from reco.encode import embed_shards
+from reco.tars import list_shards
 
 
 def embed(cfg: RecoConfig) -> MemoryManifest:

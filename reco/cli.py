@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         if args.command == "demo":
-            from reco.demo import run_demo
+            from reco.demo.run import run_demo
             run_demo(args.workdir, quick=args.quick)
             return 0
         cfg = load_config(args.config, args.overrides)

@@ -27,13 +27,13 @@ import ray
 import torch
 from PIL import Image
 
-from pipeline.tar_samples import TarSample, TruncatedShard, iter_tar_samples
 from reco import storage
 from reco.cluster import cluster_gpus, init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import InputShardStats, MemoryManifest, MemoryShard, SkipStats, embedding_array, memory_schema
 from reco.models import embed_dim, load_clip, validate_model_config
 from reco.shard_jobs import ShardActor, actor_resources, find_finished, run_shard_jobs
+from reco.tars import TarSample, TruncatedShard, iter_tar_samples
 
 log = logging.getLogger(__name__)
 

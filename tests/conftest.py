@@ -21,8 +21,8 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from reco import synthetic  # noqa: E402
 from reco.config import RecoConfig, config_from_dict  # noqa: E402
+from reco.demo import synthetic  # noqa: E402
 from reco.models import register_model_configs  # noqa: E402
 
 

@@ -8,9 +8,9 @@ import tarfile
 import numpy as np
 import torch
 
-from evaluation import demo_world
-from reco import synthetic
 from reco.config import ModelConfig
+from reco.demo import synthetic, world
+from reco.demo.pretrain import pretrain_frozen_clip
 from reco.models import load_clip
 
 
@@ -23,27 +23,27 @@ def labels_of(shards: list[str]) -> set[int]:
 
 
 def test_splits_hold_out_classes_from_fusion_training(tmp_path):
-    held = demo_world.held_out_classes()
-    assert len(held) == demo_world.N_HELD_OUT == 18 and held == demo_world.held_out_classes()
-    assert set(held).isdisjoint(demo_world.fusion_classes())
-    assert len(demo_world.fusion_classes()) == 54
+    held = world.held_out_classes()
+    assert len(held) == world.N_HELD_OUT == 18 and held == world.held_out_classes()
+    assert set(held).isdisjoint(world.fusion_classes())
+    assert len(world.fusion_classes()) == 54
 
-    memory = demo_world.write_memory_corpus(str(tmp_path / "memory"), n=144, shard_size=100)
-    fusion = demo_world.write_fusion_pairs(str(tmp_path / "fusion"), n=108, shard_size=100)
+    memory = world.write_memory_corpus(str(tmp_path / "memory"), n=144, shard_size=100)
+    fusion = world.write_fusion_pairs(str(tmp_path / "fusion"), n=108, shard_size=100)
     assert labels_of(memory) == set(range(72))
-    assert labels_of(fusion) == set(demo_world.fusion_classes())
+    assert labels_of(fusion) == set(world.fusion_classes())
 
     root = tmp_path / "eval"
-    demo_world.write_eval_imagefolder(str(root), per_class=2)
+    world.write_eval_imagefolder(str(root), per_class=2)
     names = {synthetic.classes()[i].name for i in held}
     assert {p.name for p in root.iterdir()} == names
     assert all(len(list(p.iterdir())) == 2 for p in root.iterdir())
-    assert demo_world.eval_dataset(str(root))["templates"] == demo_world.EVAL_TEMPLATES
+    assert world.eval_dataset(str(root))["templates"] == world.EVAL_TEMPLATES
 
 
 def test_pretrained_checkpoint_loads_as_the_frozen_clip(tmp_path):
     out = tmp_path / "frozen.pt"
-    stats = demo_world.pretrain_frozen_clip(str(out), n_images=64, steps=3, batch_size=16)
+    stats = pretrain_frozen_clip(str(out), n_images=64, steps=3, batch_size=16)
     assert stats["steps"] == 3 and np.isfinite(stats["final_loss"])
     clip = load_clip(ModelConfig(name="reco-tiny", pretrained=str(out)))
     saved = torch.load(out, map_location="cpu", weights_only=True)

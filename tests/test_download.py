@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.corpus_server import CorpusServer, write_url_list
 from pipeline.download import CorpusManifest, download
 from pipeline.embed import embed
-from pipeline.tar_samples import iter_tar_samples, list_shards
 from reco.cli import main as cli_main
 from reco.config import ConfigError
+from reco.demo.corpus_server import CorpusServer, write_url_list
+from reco.tars import iter_tar_samples, list_shards
 from tests.conftest import make_config, start_local_ray
 
 SHARD = 20

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from pipeline.embed import embed
-from reco import synthetic
 from reco.config import ConfigError
 from reco.contracts import MemoryManifest, embeddings_to_numpy, memory_schema
+from reco.demo import synthetic
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -17,8 +17,8 @@ from evaluation.metrics import retrieval_recall, topk_accuracy, topk_predictions
 from evaluation.report import REPORT_FILES
 from indexing.build import build_index
 from pipeline.embed import embed
-from reco import synthetic
 from reco.config import ConfigError
+from reco.demo import synthetic
 from reco.models import load_clip
 from reco.search import MemoryIndex, near_duplicate_ids, retrieve
 from tests.conftest import make_config

@@ -15,8 +15,8 @@ import ray
 from indexing.build import build_index, index_recall
 from reco.config import ConfigError
 from reco.contracts import IndexManifest, MemoryManifest, embedding_array, index_folder, memory_schema
+from reco.demo.synthetic import clustered_embeddings
 from reco.search import MemoryIndex, MemoryIndexError
-from reco.synthetic import clustered_embeddings
 from tests.conftest import make_config, start_local_ray, write_memory
 
 pytestmark = pytest.mark.usefixtures("ray_local")

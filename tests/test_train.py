@@ -1,6 +1,6 @@
 """`reco train`: learning, checkpoints and exact resumption, data parallelism, bad input.
 
-The neighbour shards are synthetic (training.synthetic_split), built so that retrieval
+The neighbour shards are synthetic (reco.demo.neighbour_splits), built so that retrieval
 carries signal.
 """
 
@@ -22,10 +22,10 @@ import yaml
 
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import NeighborsManifest, neighbors_table
+from reco.demo import neighbour_splits as synthetic
 from reco.fusion import load_fusion
 from tests.conftest import make_config
 from training.loop import NonFiniteLossError
-from training import synthetic_split as synthetic
 from training.loss import RecoLoss
 from training.train import train
 

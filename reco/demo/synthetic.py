@@ -1,4 +1,4 @@
-"""A deterministic synthetic image-text corpus of fine-grained classes.
+"""The demo's synthetic data: drawn image-text pairs of fine-grained classes, and clustered embeddings.
 
 72 classes = 4 shapes x 6 colours x 3 fills, each with an invented proper name (like
 a car model or a bird species). Captions come at two granularities:
@@ -13,17 +13,15 @@ can only be learned from data, which is what a retrieval memory holds.
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
-import tarfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from reco import storage
+from reco import tars
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
@@ -143,38 +141,16 @@ def make_samples(n: int, *, seed: int = 0, class_ids: Iterable[int] | None = Non
         yield Sample(f"{key_prefix}{i:09d}", buf.getvalue(), caption(cls, rng, granularity), cls.index)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+def sample_meta(s: Sample) -> dict:
+    """The .json written with a sample, as img2dataset writes it (status success)."""
+    return {"key": s.key, "caption": s.caption, "url": f"synthetic://{s.key}",
+            "label": s.label, "status": "success"}
 
 
 def write_webdataset(samples: Iterable[Sample], out_dir: str, samples_per_shard: int = 1000) -> list[str]:
     """img2dataset-style shards `{out_dir}/{i:05d}.tar`, each sample `.jpg` `.txt` `.json`."""
-    shards: list[str] = []
-    batch: list[Sample] = []
-
-    def flush() -> None:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for s in batch:
-                meta = {"key": s.key, "caption": s.caption, "url": f"synthetic://{s.key}",
-                        "label": s.label, "status": "success"}
-                _add_member(tar, f"{s.key}.jpg", s.jpeg)
-                _add_member(tar, f"{s.key}.txt", s.caption.encode())
-                _add_member(tar, f"{s.key}.json", json.dumps(meta).encode())
-        url = storage.join(out_dir, f"{len(shards):05d}.tar")
-        storage.write_bytes_atomic(url, buf.getvalue())
-        shards.append(url)
-        batch.clear()
-
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == samples_per_shard:
-            flush()
-    if batch:
-        flush()
-    return shards
+    return tars.write_shards((tars.TarRecord(s.key, s.jpeg, s.caption, sample_meta(s)) for s in samples),
+                             out_dir, samples_per_shard)
 
 
 def clustered_embeddings(n: int, d: int, seed: int, clusters: int = 40, spread: float = 0.35,

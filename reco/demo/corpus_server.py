@@ -9,7 +9,7 @@ caption columns) that `reco download` reads, with a chosen share of broken and e
         write_url_list("urls.parquet", server, broken_share=0.1)
         ...  # reco download with download.url_list=urls.parquet
 
-`python -m pipeline.corpus_server --samples 1000 --url-list urls.parquet` serves until
+`python -m reco.demo.corpus_server --samples 1000 --url-list urls.parquet` serves until
 interrupted, for runs by hand.
 """
 
@@ -26,7 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 
-from reco import storage, synthetic
+from reco import storage
+from reco.demo import synthetic
 
 BROKEN_KINDS = ("404", "slow", "loop", "text", "truncated")
 """The ways a URL of the server fails; each maps to a failure reason in img2dataset's stats."""

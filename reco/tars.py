@@ -1,19 +1,22 @@
-"""Reading webdataset shards (img2dataset's output): input listing and per-sample records.
+"""Webdataset tar shards (img2dataset's format): listing, reading per sample, and writing.
 
 A sample is the group of consecutive tar members sharing a key (`000123.jpg`,
 `000123.txt`, `000123.json`). Readers stream the tar, so memory stays bounded by one
-sample, and a truncated tar yields everything before the damage.
+sample, and a truncated tar yields everything before the damage. The writer builds each
+shard in memory with webdataset's TarWriter and writes it in one atomic write.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import braceexpand
 import fsspec
+import webdataset
 
 from reco import storage
 from reco.config import ConfigError
@@ -112,3 +115,47 @@ def list_shards(spec: str, key: str = "embed.input") -> list[str]:
     if not urls:
         raise ConfigError(f"{key}: no .tar shards found at {spec}")
     return sorted(dict.fromkeys(urls))
+
+
+class TarRecord(NamedTuple):
+    """One sample to write: its key, image file bytes, caption and .json metadata."""
+
+    key: str
+    image: bytes
+    caption: str
+    meta: dict
+
+
+def _shard_bytes(records: list[TarRecord]) -> bytes:
+    buf = io.BytesIO()
+    # encoder=False: every member is given as bytes; mtime fixed so a shard's bytes
+    # depend only on its samples.
+    with webdataset.TarWriter(buf, encoder=False, mtime=0) as writer:
+        for r in records:
+            writer.write({"__key__": r.key, "jpg": r.image, "txt": r.caption.encode(),
+                          "json": json.dumps(r.meta).encode()})
+    return buf.getvalue()
+
+
+def write_shards(records: Iterable[TarRecord], out_dir: str, samples_per_shard: int = 1000) -> list[str]:
+    """img2dataset-style shards `{out_dir}/{i:05d}.tar`, each sample `.jpg` `.txt` `.json`.
+
+    The image is stored as given, named `.jpg` whatever its format. Each shard is written
+    atomically; returns the shards' URLs in order.
+    """
+    shards: list[str] = []
+    batch: list[TarRecord] = []
+
+    def flush() -> None:
+        url = storage.join(out_dir, f"{len(shards):05d}.tar")
+        storage.write_bytes_atomic(url, _shard_bytes(batch))
+        shards.append(url)
+        batch.clear()
+
+    for record in records:
+        batch.append(record)
+        if len(batch) == samples_per_shard:
+            flush()
+    if batch:
+        flush()
+    return shards

@@ -1,6 +1,6 @@
 """`reco demo`: the whole pipeline, offline, in a small world where a memory matters.
 
-72 synthetic classes, each named by an invented word (evaluation/demo_world.py). A tiny
+72 synthetic classes, each named by an invented word (reco/demo/world.py). A tiny
 CLIP pre-trained on coarse captions ("a photo of a triangle") knows the shapes but not
 the names; the memory's captions name them; the fusion modules are trained on 54
 classes and evaluated zero-shot on the 18 others, baseline against RECO against the same
@@ -36,9 +36,9 @@ class DemoScale:
 
 def demo_config(workdir: str, scale: DemoScale) -> tuple[RecoConfig, dict]:
     """The typed config and the plain data it came from (for the control's override)."""
-    from evaluation import demo_world
+    from reco.demo import world
 
-    sections = demo_world.config_sections(workdir, f"{workdir}/frozen-clip.pt")
+    sections = world.config_sections(workdir, f"{workdir}/frozen-clip.pt")
     sections["train"] = {**sections["train"], "epochs": scale.epochs, "checkpoint_every": 50, "log_every": 10}
     data = {
         "workdir": workdir,
@@ -57,25 +57,25 @@ def _step(title: str) -> float:
 
 
 def _frozen_clip(cfg: RecoConfig, scale: DemoScale) -> None:
-    from evaluation import demo_world
+    from reco.demo.pretrain import pretrain_frozen_clip
 
     start = _step("frozen CLIP: pre-training reco-tiny on coarse captions "
                   "(the demo's stand-in for downloading pretrained weights)")
     if storage.exists(cfg.model.pretrained):
         print(f"  {cfg.model.pretrained} exists")
         return
-    stats = demo_world.pretrain_frozen_clip(cfg.model.pretrained, n_images=scale.pretrain_images,
-                                            steps=scale.pretrain_steps, seed=cfg.seed)
+    stats = pretrain_frozen_clip(cfg.model.pretrained, n_images=scale.pretrain_images,
+                                 steps=scale.pretrain_steps, seed=cfg.seed)
     print(f"  {stats['steps']} steps, final loss {stats['final_loss']}, {time.perf_counter() - start:.0f}s")
 
 
 def _corpus(cfg: RecoConfig, scale: DemoScale) -> None:
-    from evaluation import demo_world
-    from pipeline.corpus_server import CorpusServer, write_url_list
     from pipeline.download import download
+    from reco.demo import world
+    from reco.demo.corpus_server import CorpusServer, write_url_list
 
     start = _step("download: the memory corpus (fine captions, all 72 classes), served on 127.0.0.1")
-    with CorpusServer(scale.memory_pairs, seed=demo_world.SPLIT_SEEDS["memory"]) as server:
+    with CorpusServer(scale.memory_pairs, seed=world.SPLIT_SEEDS["memory"]) as server:
         urls = write_url_list(cfg.download.url_list, server, broken_share=0.02, empty_rows=3, seed=cfg.seed)
         print(f"  serving {scale.memory_pairs} pairs at {server.url} "
               f"({urls.rows - urls.downloadable} URLs broken on purpose)")
@@ -100,16 +100,16 @@ def _memory_and_index(cfg: RecoConfig) -> None:
 
 
 def _fusion_training(cfg: RecoConfig, data: dict, scale: DemoScale) -> None:
-    from evaluation import demo_world
     from indexing.neighbors import neighbors
+    from reco.demo import world
     from reco.encode import embed_shards
-    from pipeline.tar_samples import list_shards
+    from reco.tars import list_shards
     from training.train import train
 
     start = _step("neighbors: the fusion-training pairs (54 classes) searched in the memory")
     pairs_corpus = cfg.path("fusion-corpus")
     if not storage.list_files(pairs_corpus, ".tar"):
-        demo_world.write_fusion_pairs(pairs_corpus, n=scale.fusion_pairs, shard_size=scale.shard_size)
+        world.write_fusion_pairs(pairs_corpus, n=scale.fusion_pairs, shard_size=scale.shard_size)
     embed_shards(cfg, list_shards(pairs_corpus), cfg.neighbors.input)
     nb = neighbors(cfg)
     print(f"  {cfg.path('neighbors', nb.split)}: {nb.total_rows} queries, k={nb.k} "
@@ -126,8 +126,8 @@ def _fusion_training(cfg: RecoConfig, data: dict, scale: DemoScale) -> None:
 
 
 def run_demo(workdir: str, quick: bool = False) -> RecoConfig:
-    from evaluation import demo_world
     from evaluation.evaluate import evaluate
+    from reco.demo import world
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     scale = DemoScale(quick)
@@ -144,11 +144,11 @@ def run_demo(workdir: str, quick: bool = False) -> RecoConfig:
     start = _step("evaluate: zero-shot on the 18 held-out classes, whose names only the memory knows")
     eval_images = cfg.evaluate.datasets[0].path
     if not Path(eval_images).exists():
-        demo_world.write_eval_imagefolder(eval_images, per_class=scale.eval_per_class)
+        world.write_eval_imagefolder(eval_images, per_class=scale.eval_per_class)
     evaluate(cfg)
     print(f"  ({time.perf_counter() - start:.0f}s)\n")
     print(Path(cfg.path("eval", "report.md")).read_text())
     print(f"report: {cfg.path('eval')}/report.{{json,md,png}}; "
-          f"chance is {100 / demo_world.N_HELD_OUT:.1f}% top-1. Whole demo: {time.perf_counter() - begin:.0f}s.")
+          f"chance is {100 / world.N_HELD_OUT:.1f}% top-1. Whole demo: {time.perf_counter() - begin:.0f}s.")
     print(f"re-run any stage with: reco <stage> {workdir}/demo.yaml")
     return cfg
