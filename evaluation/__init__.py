@@ -1,0 +1,1 @@
+"""Stage `reco evaluate`: zero-shot classification and retrieval, the frozen CLIP against RECO."""
