@@ -66,6 +66,18 @@ def corpus_dir(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def eval_imagefolder(tmp_path_factory) -> str:
+    """A small classification set: <root>/<class name>/<key>.jpg, 4 classes x 3 images."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    names = [c.name for c in synthetic.classes()]
+    for s in synthetic.make_samples(12, seed=21, class_ids=range(4)):
+        folder = root / names[s.label]
+        folder.mkdir(exist_ok=True)
+        (folder / f"{s.key}.jpg").write_bytes(s.jpeg)
+    return str(root)
+
+
 def make_config(workdir: str | Path, **sections: Any) -> RecoConfig:
     """A RecoConfig for tests: reco-tiny, small batches, plus the given sections."""
     data: dict[str, Any] = {"workdir": str(workdir), "embed": {"batch_size": 16}}
