@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "serve":
             from reco.serve import serve_forever
-            serve_forever(cfg)
-            return 0
+            return serve_forever(cfg)
         for name in (STAGES if args.command == "run" else [args.command]):
             logging.getLogger("reco").info("stage %s", name)
             stage_function(name)(cfg)

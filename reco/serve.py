@@ -199,12 +199,16 @@ def start(cfg: RecoConfig) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
-def serve_forever(cfg: RecoConfig) -> None:
-    """`reco serve`: start, say where it listens, block until Ctrl-C, then shut Serve down."""
+def serve_forever(cfg: RecoConfig) -> int:
+    """`reco serve`: start, say where it listens, block until Ctrl-C, then shut Serve down.
+    Returns the exit status of an interrupted process (130)."""
     url = start(cfg)
     print(f"reco serve: listening on {url} (POST {', '.join(ROUTES)}); Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)
+    except KeyboardInterrupt:
+        print("reco serve: stopped", flush=True)
+        return 130
     finally:
         serve.shutdown()
