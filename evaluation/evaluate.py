@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from evaluation.datasets import EvalSet, check_dataset, prepare_dataset
 from evaluation.metrics import class_embeddings, retrieval_recall, topk_accuracy

@@ -60,15 +60,18 @@ class Classification:
 def _saved_config(workdir: str, meta: dict) -> tuple[ModelConfig, int, NeighborsConfig]:
     """The frozen CLIP, seed and neighbour settings the fusion model was trained with: the
     whole config saved beside it by `reco train`, else the memory manifest's model."""
-    if "config" in meta:
-        cfg = RecoConfig.model_validate(meta["config"])
-        return cfg.model, cfg.seed, cfg.neighbors
     memory = MemoryManifest.read(storage.join(workdir, MEMORY_DIR))
     if memory is None:
         raise ConfigError(f"workdir: no finished memory at {storage.join(workdir, MEMORY_DIR)}; "
                           "run `reco embed` first")
-    model = ModelConfig(name=memory.model, pretrained=memory.pretrained, config=memory.model_config_file)
-    return model, 0, NeighborsConfig()
+    if "config" not in meta:
+        model = ModelConfig(name=memory.model, pretrained=memory.pretrained, config=memory.model_config_file)
+        return model, 0, NeighborsConfig()
+    cfg = RecoConfig.model_validate(meta["config"])
+    if (memory.model, memory.pretrained) != (cfg.model.name, cfg.model.pretrained):
+        raise ConfigError(f"workdir: the memory was embedded with {memory.model}/{memory.pretrained}, the "
+                          f"fusion model trained with {cfg.model.name}/{cfg.model.pretrained}: retrain it")
+    return cfg.model, cfg.seed, cfg.neighbors
 
 
 def check_workdir(workdir: str) -> None:

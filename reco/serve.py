@@ -20,7 +20,6 @@ import asyncio
 import base64
 import binascii
 import json
-import logging
 import os
 import socket
 import time
@@ -35,8 +34,6 @@ from starlette.responses import JSONResponse
 from reco.api import InputError, check_workdir, load
 from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig, ServeConfig
-
-log = logging.getLogger(__name__)
 
 APP_NAME = "reco"
 
@@ -140,7 +137,7 @@ class RecoServer:
         self.model = load(workdir, use_gpu=use_gpu)
         self.limits = ServeConfig.model_validate(limits)
 
-    def answer(self, path: str, body: _Body) -> dict:
+    def answer(self, body: _Body) -> dict:
         """The response to a validated body (blocking: runs in a thread)."""
         if isinstance(body, TextBody):
             return {"embeddings": self.model.encode_text(body.texts, refine=body.refine).tolist()}
@@ -157,7 +154,7 @@ class RecoServer:
             raw = await read_body(request, self.limits.max_request_bytes)
             body = parse_body(request.url.path, raw, self.limits.max_items)
             # The forward pass and the search block: a thread keeps the replica's event loop free.
-            return JSONResponse(await asyncio.to_thread(self.answer, request.url.path, body))
+            return JSONResponse(await asyncio.to_thread(self.answer, body))
         except RequestError as err:
             return JSONResponse({"error": err.message}, status_code=err.status)
         except InputError as err:  # the API's own checks: an empty list, a non-image, bad templates

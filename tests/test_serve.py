@@ -5,7 +5,11 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -16,10 +20,11 @@ import pytest
 from ray import serve
 
 import reco
-from reco.config import ConfigError
+from reco.config import ConfigError, dump_config
 from reco.serve import check_serve, start
 from tests.conftest import API_TEMPLATES
 
+ROOT = Path(__file__).resolve().parents[1]
 MAX_ITEMS = 4
 MAX_BYTES = 100_000
 
@@ -157,3 +162,34 @@ def test_bad_serve_config_is_named_before_start(api_world, tmp_path):
         check_serve(shrinking)
     with pytest.raises(ConfigError, match="no trained fusion model"):
         check_serve(api_world.model_copy(update={"workdir": str(tmp_path)}))
+
+
+@pytest.mark.slow
+def test_reco_serve_listens_until_ctrl_c(api_world, tmp_path):
+    """The CLI in a process of its own (its own local Ray): it says where it listens, answers,
+    and on SIGINT shuts down with status 130."""
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(dump_config(api_world))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reco.cli", "serve", str(config), f"serve.port={port}", "serve.cpus_per_replica=0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+        # A shell's background job ignores SIGINT, and children inherit that: restore Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "reco serve: listening on" in line:
+                break
+        assert f"listening on http://127.0.0.1:{port}" in "".join(lines), "".join(lines[-20:])
+        status, body = post(f"http://127.0.0.1:{port}/embed/text", {"texts": ["a photo"], "refine": False})
+        assert status == 200 and len(body["embeddings"][0]) == 64
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 130 and "reco serve: stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
