@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from evaluation.datasets import EvalSet, check_dataset, prepare_dataset
 from evaluation.metrics import class_embeddings, retrieval_recall, topk_accuracy
@@ -34,15 +33,11 @@ from reco.config import ConfigError, RecoConfig
 from reco.contracts import (EVAL_DIR, EVAL_EMBEDDINGS_DIR, FUSION_META, MANIFEST, MEMORY_DIR, MODALITIES,
                             MemoryManifest, embeddings_to_numpy, fusion_model_dir, index_folder)
 from reco.encode import embed_shards, encode_texts
-from reco.fusion import load_fusion
+from reco.fusion import load_fusion, refine
 from reco.models import embed_dim, validate_model_config
 from reco.search import MemoryIndex, near_duplicate_ids, neighbour_embeddings
 
 log = logging.getLogger(__name__)
-
-REFINE_BATCH = 4096
-"""Queries refined at once: bounds the (batch, k, d) float32 neighbour block."""
-
 
 @dataclass
 class Embedded:
@@ -148,18 +143,6 @@ def embed_sets(cfg: RecoConfig, sets: list[EvalSet]) -> list[Embedded]:
 
 
 # -- retrieval and refinement --------------------------------------------------------------
-
-def refine(module: torch.nn.Module, queries: np.ndarray, retrieved: np.ndarray | None) -> np.ndarray:
-    """module(query, neighbours) in batches; `retrieved` None feeds no neighbours (k=0)."""
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(queries), REFINE_BATCH):
-            q = torch.from_numpy(np.ascontiguousarray(queries[i:i + REFINE_BATCH], np.float32))
-            r = (torch.zeros(len(q), 0, q.shape[1]) if retrieved is None
-                 else torch.from_numpy(np.ascontiguousarray(retrieved[i:i + REFINE_BATCH], np.float32)))
-            out.append(module(q, r).numpy())
-    return np.concatenate(out) if out else queries.copy()
-
 
 def _score(ds: EvalSet, emb: Embedded, images: np.ndarray, texts: np.ndarray) -> dict[str, float]:
     if ds.task == "classification":

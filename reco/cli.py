@@ -1,4 +1,5 @@
-"""`reco <stage> CONFIG.yaml [dotted.key=value ...]`, `reco run CONFIG.yaml`, `reco demo`.
+"""`reco <stage> CONFIG.yaml [dotted.key=value ...]`, `reco run CONFIG.yaml`, `reco serve CONFIG.yaml`,
+`reco demo`.
 
 A thin layer over the stage functions: each takes the typed config, so notebooks,
 tests and `ray job submit -- reco ...` all run the same code.
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage in order, skipping finished ones")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("serve", help="serve the trained model's embeddings over HTTP (Ray Serve) until Ctrl-C")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. serve.port=8001")
     p = sub.add_parser("demo", help="the whole pipeline, offline, on a small synthetic corpus")
     p.add_argument("--workdir", default="reco-demo", help="where the demo writes (default ./reco-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller world: a smoke run of a few minutes")
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.workdir, quick=args.quick)
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command == "serve":
+            from reco.serve import serve_forever
+            return serve_forever(cfg)
         for name in (STAGES if args.command == "run" else [args.command]):
             logging.getLogger("reco").info("stage %s", name)
             stage_function(name)(cfg)

@@ -215,6 +215,28 @@ class EvaluateConfig(Section):
     """Texts (class prompts, captions) encoded per forward pass."""
 
 
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    """Address `reco serve` listens on; 0.0.0.0 listens on every interface."""
+    port: int = Field(8000, gt=0, le=65535)
+    """HTTP port of `reco serve`."""
+    replicas: int = Field(1, gt=0)
+    """Replicas of the model (each holds a frozen CLIP, the fusion modules and the memory
+    index); with `max_replicas`, the fewest Serve's autoscaling keeps."""
+    max_replicas: int | None = Field(None, gt=0)
+    """Set: Serve autoscales between `replicas` and this many on requests in flight."""
+    cpus_per_replica: float = Field(1.0, gt=0)
+    """CPUs each replica reserves (the frozen CLIP's forward pass and the memory search)."""
+    gpus_per_replica: float = Field(0.0, ge=0)
+    """GPUs each replica reserves; above 0 the replica's CLIP and faiss search run on it."""
+    max_items: int = Field(64, gt=0)
+    """Most images, texts or class names in one request; more is a 400."""
+    max_request_bytes: int = Field(16 * 2**20, gt=0)
+    """Largest request body, and largest image fetched from a URL; more is a 413 (a 400 for a URL)."""
+    url_timeout: float = Field(10.0, gt=0)
+    """Seconds to fetch one image URL before the request fails with a 400."""
+
+
 class RecoConfig(Section):
     workdir: str
     """Root of every stage's output (any fsspec URL)."""
@@ -227,6 +249,7 @@ class RecoConfig(Section):
     neighbors: NeighborsConfig = Field(default_factory=NeighborsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def path(self, *parts: str) -> str:
         """`<workdir>/<parts...>` as a URL or path string."""

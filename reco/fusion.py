@@ -1,4 +1,5 @@
-"""The fusion modules phi_image and phi_text (DESIGN.md section 1): trained by `reco train`, applied by evaluation.
+"""The fusion modules phi_image and phi_text (DESIGN.md section 1): trained by `reco train`, applied
+by `refine` in `reco evaluate` and the Python API (reco/api.py).
 
 Each is one pre-norm transformer encoder layer (width d, 8 heads, MLP 4d) over the
 tokens [query, r_1..r_k]; the output at the query's position, L2-normalised, is the
@@ -12,6 +13,7 @@ import io
 import math
 
 import fsspec
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,6 +23,8 @@ from reco.contracts import FUSION_META, FUSION_WEIGHTS
 
 INIT_TEMPERATURE = 0.07
 """CLIP's initial temperature; the logit scale is learnt from log(1/0.07)."""
+REFINE_BATCH = 4096
+"""Queries refined at once: bounds the (batch, k, d) float32 neighbour block."""
 
 
 class FusionModule(nn.Module):
@@ -75,3 +79,15 @@ def load_fusion(model_dir: str) -> tuple[RecoFusion, dict]:
     with fsspec.open(storage.join(model_dir, FUSION_WEIGHTS), "rb") as f:
         model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
     return model.eval(), meta
+
+
+def refine(module: torch.nn.Module, queries: np.ndarray, retrieved: np.ndarray | None) -> np.ndarray:
+    """module(query, neighbours) in batches; `retrieved` None feeds no neighbours (k=0)."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(queries), REFINE_BATCH):
+            q = torch.from_numpy(np.ascontiguousarray(queries[i:i + REFINE_BATCH], np.float32))
+            r = (torch.zeros(len(q), 0, q.shape[1]) if retrieved is None
+                 else torch.from_numpy(np.ascontiguousarray(retrieved[i:i + REFINE_BATCH], np.float32)))
+            out.append(module(q, r).numpy())
+    return np.concatenate(out) if out else queries.copy()

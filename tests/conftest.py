@@ -125,3 +125,46 @@ def s3_bucket() -> str:
     fsspec.filesystem("s3").mkdir("reco-test")
     yield "s3://reco-test"
     server.stop()
+
+
+API_TEMPLATES = ["a photo of a {c}.", "a {c}."]
+
+
+def build_api_world(base: Path, checkpoint: str, n_classes: int = 4, per_class: int = 3) -> RecoConfig:
+    """A workdir as `reco train` leaves it, built in seconds: a memory of 40 synthetic pairs plus
+    copies of two eval images, a Flat index, and a seeded untrained fusion model saved with
+    its config (k=4); beside it an ImageFolder set (`evaluate.datasets[0]`) of
+    n_classes x per_class images, whose first two images are the copied ones."""
+    from indexing.build import build_index
+    from pipeline.embed import embed
+    from reco.fusion import RecoFusion, save_fusion
+
+    start_local_ray()
+    names = synthetic.classes()
+    images = list(synthetic.make_samples(n_classes * per_class, seed=5, class_ids=range(n_classes)))
+    for s in images:
+        folder = base / "images" / names[s.label].name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{s.key}.jpg").write_bytes(s.jpeg)
+    copies = [synthetic.Sample(f"copy{i}", s.jpeg, f"a copy {i}", s.label) for i, s in enumerate(images[:2])]
+    memory = list(synthetic.make_samples(40, seed=11, class_ids=range(n_classes))) + copies
+    synthetic.write_webdataset(memory, str(base / "corpus"), samples_per_shard=64)
+    cfg = make_config(
+        base / "work", model={"name": "reco-tiny", "pretrained": checkpoint},
+        embed={"input": str(base / "corpus")}, index={"key": "Flat"},
+        # An untrained reco-tiny maps all these images close together: only copies pass 0.999.
+        neighbors={"k": 4, "dedup_threshold": 0.999},
+        evaluate={"datasets": [{"name": "shapes", "kind": "imagefolder", "path": str(base / "images"),
+                                "templates": API_TEMPLATES}]})
+    embed(cfg)
+    build_index(cfg)
+    torch.manual_seed(0)
+    meta = {"d": 64, "heads": 8, "mlp_ratio": 4.0, "k": 4, "steps": 0, "config": cfg.model_dump(mode="json")}
+    save_fusion(RecoFusion(64), meta, cfg.path("train", "model"))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def api_world(tmp_path_factory, tiny_checkpoint) -> RecoConfig:
+    """The workdir of `build_api_world`, shared by the API and Serve tests."""
+    return build_api_world(tmp_path_factory.mktemp("api_world"), tiny_checkpoint)

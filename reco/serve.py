@@ -1,0 +1,211 @@
+"""`reco serve CONFIG`: the Python API (reco/api.py) as a Ray Serve application, JSON over HTTP.
+
+    POST /embed/text  {"texts": [...]}                       -> {"embeddings": [[...], ...]}
+    POST /embed/image {"images": [base64 | http(s) URL, ...]} -> {"embeddings": [[...], ...]}
+    POST /classify    {"images": [...], "classnames": [...]}  -> {"labels": [...], "scores": [[...], ...]}
+
+Every body may add `"refine": false` (the frozen CLIP's embeddings); /classify also
+takes `"templates"`. A bad request (not JSON, a wrong type, an empty list, too many
+items, an oversized body, a non-image, a URL that does not answer) gets a 4xx with
+`{"error": message}` and the replica goes on serving.
+
+Each replica calls `reco.load` once: its own frozen CLIP, fusion modules and
+`MemoryIndex` (the index and embedding files are memory-mapped, so replicas on one node
+share their pages through the OS cache). Limits come from the config's `serve` section.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from reco.api import InputError, check_workdir, load
+from reco.cluster import init_ray
+from reco.config import ConfigError, RecoConfig, ServeConfig
+
+APP_NAME = "reco"
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and the message sent back."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# -- request bodies: strict, so a wrong type is an error rather than a silent coercion --
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    refine: bool = True
+
+
+class TextBody(_Body):
+    texts: list[str]
+
+
+class ImageBody(_Body):
+    images: list[str]
+    """Each an image file's bytes, base64-encoded, or an http(s) URL of one."""
+
+
+class ClassifyBody(ImageBody):
+    classnames: list[str]
+    templates: list[str] | None = None
+
+
+ROUTES: dict[str, type[_Body]] = {"/embed/text": TextBody, "/embed/image": ImageBody, "/classify": ClassifyBody}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to exceed `limit` bytes."""
+    too_big = RequestError(413, f"request body exceeds serve.max_request_bytes={limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(path: str, raw: bytes, max_items: int) -> _Body:
+    """The validated body of a request to `path`; a 4xx naming the problem otherwise."""
+    if path not in ROUTES:
+        raise RequestError(404, f"no endpoint {path}; POST to one of {', '.join(ROUTES)}")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, f"the body is not JSON ({err})") from None
+    try:
+        body = ROUTES[path].model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
+        raise RequestError(400, f"bad request body for {path}: {problems}") from None
+    for name in ("texts", "images", "classnames"):
+        items = getattr(body, name, None)
+        if items is not None and len(items) > max_items:
+            raise RequestError(400, f"{name}: {len(items)} items, at most serve.max_items={max_items} "
+                                    "per request; split the request")
+    return body
+
+
+def fetch_url(url: str, timeout: float, limit: int) -> bytes:
+    """An image's bytes from an http(s) URL, at most `limit` of them, within `timeout` seconds."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        data = response.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than serve.max_request_bytes={limit}")
+    return data
+
+
+def image_bytes(item: str, i: int, limits: ServeConfig) -> bytes:
+    """`images[i]` of a request: fetched if an http(s) URL, else base64-decoded."""
+    if item.startswith(("http://", "https://")):
+        try:
+            return fetch_url(item, limits.url_timeout, limits.max_request_bytes)
+        except (urllib.error.URLError, OSError, ValueError) as err:  # refused, timeout, 404, too large
+            raise RequestError(400, f"images[{i}]: could not fetch {item} ({err})") from None
+    try:
+        return base64.b64decode(item, validate=True)
+    except binascii.Error:
+        raise RequestError(400, f"images[{i}]: neither an http(s) URL nor base64-encoded bytes") from None
+
+
+@serve.deployment(name="reco")
+class RecoServer:
+    """One replica: the loaded model, answering the three endpoints."""
+
+    def __init__(self, workdir: str, limits: dict, use_gpu: bool):
+        self.model = load(workdir, use_gpu=use_gpu)
+        self.limits = ServeConfig.model_validate(limits)
+
+    def answer(self, body: _Body) -> dict:
+        """The response to a validated body (blocking: runs in a thread)."""
+        if isinstance(body, TextBody):
+            return {"embeddings": self.model.encode_text(body.texts, refine=body.refine).tolist()}
+        images = [image_bytes(item, i, self.limits) for i, item in enumerate(body.images)]
+        if isinstance(body, ClassifyBody):
+            result = self.model.classify(images, body.classnames, body.templates, refine=body.refine)
+            return {"labels": result.labels, "scores": result.scores.tolist()}
+        return {"embeddings": self.model.encode_image(images, refine=body.refine).tolist()}
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        try:
+            if request.method != "POST":
+                raise RequestError(405, f"{request.method} {request.url.path}: only POST is served")
+            raw = await read_body(request, self.limits.max_request_bytes)
+            body = parse_body(request.url.path, raw, self.limits.max_items)
+            # The forward pass and the search block: a thread keeps the replica's event loop free.
+            return JSONResponse(await asyncio.to_thread(self.answer, body))
+        except RequestError as err:
+            return JSONResponse({"error": err.message}, status_code=err.status)
+        except InputError as err:  # the API's own checks: an empty list, a non-image, bad templates
+            return JSONResponse({"error": str(err)}, status_code=400)
+
+
+def check_serve(cfg: RecoConfig) -> None:
+    """Everything `reco serve` needs, checked before Ray or a replica starts."""
+    s = cfg.serve
+    if s.max_replicas is not None and s.max_replicas < s.replicas:
+        raise ConfigError(f"serve.max_replicas: {s.max_replicas} is below serve.replicas={s.replicas}")
+    check_workdir(cfg.workdir)
+    if "RAY_ADDRESS" in os.environ:  # the proxy listens on the cluster's head, not necessarily here
+        return
+    with socket.socket() as sock:
+        try:
+            sock.bind((s.host, s.port))
+        except OSError as err:
+            raise ConfigError(f"serve.port: cannot listen on {s.host}:{s.port} ({err.strerror}); "
+                              f"pick a free port, e.g. serve.port={s.port + 1}") from None
+
+
+def build_app(cfg: RecoConfig) -> serve.Application:
+    """The Serve application: replicas (fixed, or autoscaled up to max_replicas) of RecoServer."""
+    s = cfg.serve
+    scaling = ({"autoscaling_config": {"min_replicas": s.replicas, "max_replicas": s.max_replicas}}
+               if s.max_replicas else {"num_replicas": s.replicas})
+    deployment = RecoServer.options(
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}, **scaling)
+    return deployment.bind(cfg.workdir, s.model_dump(), s.gpus_per_replica > 0)
+
+
+def start(cfg: RecoConfig) -> str:
+    """Deploy the application on this Ray cluster and return its URL once every replica is up."""
+    check_serve(cfg)
+    init_ray()
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def serve_forever(cfg: RecoConfig) -> int:
+    """`reco serve`: start, say where it listens, block until Ctrl-C, then shut Serve down.
+    Returns the exit status of an interrupted process (130)."""
+    url = start(cfg)
+    print(f"reco serve: listening on {url} (POST {', '.join(ROUTES)}); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("reco serve: stopped", flush=True)
+        return 130
+    finally:
+        serve.shutdown()
