@@ -54,11 +54,15 @@ class Plan(BaseModel):
     """The neighbour manifest's identity (split, model, k, ...), saved with the model."""
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def make_scheduler(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup over `warmup` steps (from 1/warmup of the peak to the peak), then
+    cosine decay to 0 at step `total`; stepped once per training step."""
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=0.0)
+    if warmup == 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0,
+                                               total_iters=max(1, warmup - 1))
+    return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[warmup])
 
 
 def make_optimizer(model: RecoFusion, cfg: RecoConfig) -> torch.optim.AdamW:
@@ -121,8 +125,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = RecoFusion(plan.d, cfg.train.heads, cfg.train.mlp_ratio).to(self.device)
         self.opt = make_optimizer(self.model, cfg)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, cfg.train.warmup_steps, plan.total_steps))
+        self.sched = make_scheduler(self.opt, cfg.train.warmup_steps, plan.total_steps)
         self.loss_fn = RecoLoss()
         cuda = self.device.type == "cuda"
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
