@@ -35,7 +35,7 @@ from reco.config import config_from_dict  # noqa: E402
 from reco.contracts import embeddings_to_numpy, nested_to_numpy  # noqa: E402
 from reco.demo.neighbour_splits import synthetic_split, write_split  # noqa: E402
 from reco.fusion import RecoFusion  # noqa: E402
-from training.loop import lr_factor, make_optimizer  # noqa: E402
+from training.loop import make_optimizer, make_scheduler  # noqa: E402
 from training.loss import RecoLoss  # noqa: E402
 from training.train import train  # noqa: E402
 
@@ -54,7 +54,7 @@ def bare_loop(cfg, folder: str) -> tuple[float, float]:
     b, rows = cfg.train.batch_size, len(x["v"])
     per_epoch = rows // b
     total = per_epoch * cfg.train.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.train.warmup_steps, total))
+    sched = make_scheduler(opt, cfg.train.warmup_steps, total)
     loss_fn, steps = RecoLoss(), []
     for epoch in range(cfg.train.epochs):
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(epoch))

@@ -171,7 +171,11 @@ class TrainConfig(Section):
     mlp_ratio: float = Field(4.0, gt=0)
     """MLP width of each fusion layer as a multiple of d (the paper: 4)."""
     checkpoint_every: int = Field(200, gt=0)
-    """Steps between checkpoints in `<workdir>/train/` (the last step always writes one)."""
+    """Steps between checkpoints, reported to Ray Train and kept in `<workdir>/train/ray/<run>/`
+    (the last step always writes one)."""
+    max_failures: int = Field(3, ge=0)
+    """Lost or failed workers Ray Train replaces, resuming from the latest checkpoint, before
+    the run fails (0: the first failure ends it; a re-run of `reco train` resumes anyway)."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Autocast dtype on GPU; CPU always runs fp32."""
     shuffle_buffer: int = Field(10000, ge=0)

@@ -6,11 +6,13 @@ carries signal.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,26 +109,34 @@ def test_rerun_skips_a_finished_run(trained):
     assert weights.stat().st_mtime_ns == before
 
 
-def _checkpoint_step(path: Path) -> int:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)["step"]
-    except (FileNotFoundError, EOFError, RuntimeError):
-        return 0
+def _checkpoint_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint in a run's Ray Train folder (0: none)."""
+    steps = [0]
+    for folder in run_dir.glob("checkpoint-*"):
+        try:
+            steps.append(json.loads((folder / "meta.json").read_text())["step"])
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    return max(steps)
 
 
-def _kill_after(proc: subprocess.Popen, ckpt: Path, step: int, timeout: float = 240) -> int:
+def _kill_after(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> int:
     """SIGKILL the run's whole process group (driver, its Ray cluster, the training worker)
     once it has checkpointed `step`; returns the step of the checkpoint left behind."""
-    seen, deadline = None, time.time() + timeout
-    while proc.poll() is None and time.time() < deadline:
-        mtime = ckpt.stat().st_mtime_ns if ckpt.exists() else None
-        if mtime != seen and _checkpoint_step(ckpt) >= step:
-            break
-        seen = mtime
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and _checkpoint_step(run_dir) < step:
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return _checkpoint_step(ckpt)
+    return _checkpoint_step(run_dir)
+
+
+def _same_weights(a_dir: Path, b_dir: Path) -> float:
+    """The largest absolute difference between two saved models' weights."""
+    a, _ = load_fusion(str(a_dir))
+    b, _ = load_fusion(str(b_dir))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    return max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_killed_run_resumes_to_the_same_weights(trained, tmp_path):
@@ -139,17 +149,98 @@ def test_killed_run_resumes_to_the_same_weights(trained, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "reco.cli", "train", str(cfg_file)],
                             env={**os.environ, "RAY_ADDRESS": "local"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at = _kill_after(proc, tmp_path / "train" / "checkpoints" / "model.pt", 18)
+    killed_at = _kill_after(proc, tmp_path / "train" / "ray" / "model", 18)
     # Killed in the second epoch (16 steps each), past its first batches.
     assert 18 <= killed_at < meta["steps"], killed_at
     assert not (tmp_path / "train" / "model").exists()
 
     resumed = train(cfg)
     assert resumed["steps"] == meta["steps"]
+    assert resumed["resumed_from"] and resumed["resumed_from"][-1] <= killed_at, resumed["resumed_from"]
     a, _ = load_fusion(str(workdir / "train" / "model"))
     b, _ = load_fusion(str(tmp_path / "train" / "model"))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (Linux /proc): our own Ray's processes, not another session's."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_train_workers_after(run_dir: Path, killed: list[int], stop: threading.Event) -> None:
+    """SIGKILL this session's Ray Train worker processes once Ray Train has registered a
+    checkpoint of the run. (Its controller collects reports every couple of seconds, and
+    writes this snapshot of the registered ones: a checkpoint uploaded but not yet
+    collected when its worker dies is not resumed from.)"""
+    while not stop.is_set() and not (run_dir / "checkpoint_manager_snapshot.json").exists():
+        time.sleep(0.005)
+    if stop.is_set():
+        return
+    for pid in _descendants(os.getpid()):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+@pytest.mark.slow
+def test_lost_worker_is_replaced_and_the_run_heals_to_the_same_weights(trained, tmp_path):
+    """A training worker SIGKILLed mid-run: Ray Train starts a new one, which resumes from
+    the latest checkpoint; nobody re-runs anything, and the weights are the uninterrupted run's."""
+    workdir, meta = trained
+    write_split(tmp_path, synthetic_split())
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_train_workers_after,
+                              args=(tmp_path / "train" / "ray" / "model", killed, stop), daemon=True)
+    killer.start()
+    try:
+        healed = train(config(tmp_path, max_failures=1))
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no Ray Train worker was found to kill"
+    assert healed["steps"] == meta["steps"]
+    assert len(healed["resumed_from"]) == 1 and 4 <= healed["resumed_from"][0] < meta["steps"], healed
+    diff = _same_weights(workdir / "train" / "model", tmp_path / "train" / "model")
+    assert diff == 0.0, diff
+
+
+@pytest.mark.slow
+def test_s3_workdir_checkpoints_and_resumes_there(s3_bucket):
+    """Ray Train's storage on S3 (through fsspec): checkpoints land in the bucket, and a
+    re-run finds the run there and resumes from its last checkpoint."""
+    import fsspec
+
+    workdir = f"{s3_bucket}/train-resume"
+    synthetic.write_split(workdir, synthetic_split(rows=128), 2)
+    cfg = make_config(workdir, neighbors={"k": K}, train={**TRAIN, "epochs": 1, "checkpoint_every": 2})
+    first = train(cfg)
+    assert first["steps"] == 4 and first["resumed_from"] == []
+    fs = fsspec.filesystem("s3")
+    run = f"{workdir}/train/ray/model"
+    fs.invalidate_cache()
+    assert {p.rsplit("/", 1)[1] for p in fs.ls(run)} >= {"checkpoint-00000002", "checkpoint-00000004"}
+    assert fs.exists(f"{run}/checkpoint-00000004/state.pt")
+    fs.rm(f"{workdir}/train/model", recursive=True)
+    again = train(cfg)  # the model is gone, the checkpoint of the last step is not
+    assert again["steps"] == 4 and again["resumed_from"] == [4]
+    assert again["final_metrics"] == first["final_metrics"]
 
 
 def test_two_workers_match_one(trained, data, tmp_path):
@@ -176,14 +267,14 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_the_checkpoint(tmp_path, d
     write_split(tmp_path, bad)
     with pytest.raises(NonFiniteLossError, match=r"at step 5 \(epoch 0, batch 4, query ids \[128"):
         train(config(tmp_path, shuffle_buffer=0, checkpoint_every=1, epochs=1))
-    assert _checkpoint_step(tmp_path / "train" / "checkpoints" / "model.pt") == 4
+    assert _checkpoint_step(tmp_path / "train" / "ray" / "model") == 4
     assert not (tmp_path / "train" / "model").exists()
 
 
 def test_checkpoint_from_other_settings_is_refused(trained, tmp_path):
     workdir, _ = trained
     shutil.copytree(workdir / "neighbors", tmp_path / "neighbors")
-    shutil.copytree(workdir / "train" / "checkpoints", tmp_path / "train" / "checkpoints")
+    shutil.copytree(workdir / "train" / "ray", tmp_path / "train" / "ray")
     with pytest.raises(ConfigError, match=r"lr differ: lr=0.003 there, 0.01 now"):
         train(config(tmp_path, lr=0.01))
     with pytest.raises(ConfigError, match="trained with other settings"):

@@ -1,19 +1,23 @@
 """What each Ray Train worker runs: stream its split of the neighbour shards, train the
-fusion modules with the RECO loss, checkpoint, and (rank 0) write the final model.
+fusion modules with the RECO loss, report checkpoints to Ray Train, and (rank 0) write
+the final model.
 
-The data position of a step is a pure function of the step: every epoch has exactly
+A worker (re)starts from `ray.train.get_checkpoint()`, the latest checkpoint this run
+reported (after a lost worker, or a re-run of the same command), else afresh. The data
+position of a step is a pure function of the step: every epoch has exactly
 `steps_per_epoch` batches in an order fixed by the seed, so a resumed run skips the
 batches of the checkpoint's epoch that were already trained on.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import logging
 import math
+import os
+import tempfile
 from contextlib import nullcontext
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import ray.train
@@ -21,7 +25,6 @@ import ray.train.torch
 import torch
 from pydantic import BaseModel
 
-from reco import storage
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import embeddings_to_numpy, nested_to_numpy
 from reco.errors import RecoError
@@ -43,8 +46,8 @@ class Plan(BaseModel):
     rows: int
     steps_per_epoch: int
     total_steps: int
-    checkpoint: str
-    """URL of the one checkpoint file, replaced atomically."""
+    checkpoints: str
+    """URL of the folder where Ray Train keeps this run's checkpoints."""
     model_dir: str
     logdir: str
     fingerprint: dict
@@ -53,11 +56,15 @@ class Plan(BaseModel):
     """The neighbour manifest's identity (split, model, k, ...), saved with the model."""
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def make_scheduler(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup over `warmup` steps (from 1/warmup of the peak to the peak), then
+    cosine decay to 0 at step `total`; stepped once per training step."""
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total - warmup), eta_min=0.0)
+    if warmup == 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0,
+                                               total_iters=max(1, warmup - 1))
+    return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[warmup])
 
 
 def make_optimizer(model: RecoFusion, cfg: RecoConfig) -> torch.optim.AdamW:
@@ -84,29 +91,45 @@ def in_batch_accuracy(images: torch.Tensor, texts: torch.Tensor) -> float:
     return hits.float().mean().item()
 
 
-def save_checkpoint(url: str, step: int, model: RecoFusion, opt, sched, scaler, fingerprint: dict) -> None:
-    buf = io.BytesIO()
-    torch.save({"step": step, "fingerprint": fingerprint, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict()}, buf)
-    storage.write_bytes_atomic(url, buf.getvalue())
+CHECKPOINT_STATE = "state.pt"
+"""In a checkpoint folder: the tensors (weights, optimiser, scheduler, scaler states),
+loaded with `torch.load(weights_only=True)`: a checkpoint never runs a pickle."""
+CHECKPOINT_META = "meta.json"
+"""In a checkpoint folder: the step, the settings fingerprint and the last metrics."""
 
 
-def load_checkpoint(url: str, fingerprint: dict) -> dict | None:
-    """The latest checkpoint of this run, or None to start fresh. One made with other
-    settings is an error: resuming it would silently mix two runs."""
-    if not storage.exists(url):
-        return None
-    with fsspec.open(url, "rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=False)
-    if state["fingerprint"] != fingerprint:
-        diff = sorted(k for k in fingerprint.keys() | state["fingerprint"].keys()
-                      if fingerprint.get(k) != state["fingerprint"].get(k))
-        raise ConfigError(
-            f"train: checkpoint {url} was made with other settings ({', '.join(diff)} differ: "
-            + ", ".join(f"{k}={state['fingerprint'].get(k)!r} there, {fingerprint.get(k)!r} now" for k in diff)
-            + "); restore those settings to resume it, or delete it to start afresh")
-    return state
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def write_checkpoint(folder: str, step: int, model: RecoFusion, opt, sched, scaler, meta: dict) -> None:
+    """The training state at `step` into a local folder (which Ray Train then persists)."""
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict()}, os.path.join(folder, CHECKPOINT_STATE))
+    with open(os.path.join(folder, CHECKPOINT_META), "w") as f:
+        json.dump({"step": step, **meta}, f)
+
+
+def check_fingerprint(meta: dict, fingerprint: dict, where: str) -> None:
+    """A checkpoint made with other settings is an error: resuming it would silently mix
+    two runs."""
+    if meta["fingerprint"] == fingerprint:
+        return
+    theirs = meta["fingerprint"]
+    diff = sorted(k for k in fingerprint.keys() | theirs.keys() if fingerprint.get(k) != theirs.get(k))
+    raise ConfigError(
+        f"train: checkpoint {where} was made with other settings ({', '.join(diff)} differ: "
+        + ", ".join(f"{k}={theirs.get(k)!r} there, {fingerprint.get(k)!r} now" for k in diff)
+        + "); restore those settings to resume it, or delete it to start afresh")
+
+
+def load_checkpoint(folder: str, fingerprint: dict, where: str) -> dict:
+    """A local checkpoint folder's meta.json merged with its tensors, after the fingerprint check."""
+    with open(os.path.join(folder, CHECKPOINT_META)) as f:
+        meta = json.load(f)
+    check_fingerprint(meta, fingerprint, where)
+    state = torch.load(os.path.join(folder, CHECKPOINT_STATE), map_location="cpu", weights_only=True)
+    return {**meta, **state}
 
 
 class Trainer:
@@ -120,28 +143,34 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = RecoFusion(plan.d, cfg.train.heads, cfg.train.mlp_ratio).to(self.device)
         self.opt = make_optimizer(self.model, cfg)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, cfg.train.warmup_steps, plan.total_steps))
+        self.sched = make_scheduler(self.opt, cfg.train.warmup_steps, plan.total_steps)
         self.loss_fn = RecoLoss()
         cuda = self.device.type == "cuda"
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         self.autocast = torch.autocast("cuda", dtype=amp_dtype) if cuda and amp_dtype else nullcontext()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.train.precision == "fp16")
+        self.metrics: dict = {}
+        self.resumed_from: list[int] = []
         self.step = self._resume()
         self.ddp = ray.train.torch.prepare_model(self.model, move_to_device=False)
         self.writer = self._writer() if self.rank == 0 else None
 
     def _resume(self) -> int:
-        """Resume order: the latest checkpoint of this run, else a fresh start."""
-        state = load_checkpoint(self.plan.checkpoint, self.plan.fingerprint)
-        if state is None:
+        """Resume order: the latest checkpoint this run reported to Ray Train (kept across
+        lost workers and re-runs of the same command), else a fresh start."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
             return 0
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder, self.plan.fingerprint, checkpoint.path)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.metrics = state["metrics"]
+        self.resumed_from = [*state["resumed_from"], state["step"]]
         if self.rank == 0:
-            log.info("resuming from %s at step %d", self.plan.checkpoint, state["step"])
+            log.info("resuming from %s at step %d", checkpoint.path, state["step"])
         return state["step"]
 
     def _writer(self):
@@ -151,9 +180,11 @@ class Trainer:
         return SummaryWriter(self.plan.logdir, purge_step=self.step or None)
 
     def run(self) -> dict:
+        """Train to the last step; returns the last step's metrics, or {"error": message}
+        for a non-finite loss, which every worker meets at the same step (the loss is the
+        global batch's): the run stops there instead of being retried into the same NaN."""
         shard = ray.train.get_dataset_shard("train")
         per_worker = self.cfg.train.batch_size // self.world
-        metrics: dict = {}
         while self.step < self.plan.total_steps:
             epoch, skip = divmod(self.step, self.plan.steps_per_epoch)
             batches = shard.iter_batches(
@@ -163,13 +194,18 @@ class Trainer:
             seen = 0
             for seen, batch in enumerate(batches, start=1):
                 if seen > skip and seen <= self.plan.steps_per_epoch:
-                    metrics = self.train_step(batch, epoch, seen - 1)
+                    try:
+                        self.metrics = self.train_step(batch, epoch, seen - 1)
+                    except NonFiniteLossError as err:
+                        if self.rank == 0:
+                            self.writer.close()
+                        return {"error": str(err)}
             if seen != self.plan.steps_per_epoch:
                 raise RuntimeError(f"worker {self.rank} got {seen} batches in epoch {epoch}, expected "
                                    f"{self.plan.steps_per_epoch}: the neighbour shards changed during training")
         if self.rank == 0:
-            self.finish(metrics)
-        return metrics
+            self.finish(self.metrics)
+        return self.metrics
 
     def train_step(self, batch: pa.Table, epoch: int, index: int) -> dict:
         x = batch_tensors(batch, self.plan.k, self.device)
@@ -180,8 +216,8 @@ class Trainer:
             ids = batch["id"].to_pylist()
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step + 1} (epoch {epoch}, batch {index}, query ids "
-                f"{ids[:5]}{'...' if len(ids) > 5 else ''}); the last good checkpoint "
-                f"{self.plan.checkpoint} is kept. Lower train.lr or check the neighbour shards.")
+                f"{ids[:5]}{'...' if len(ids) > 5 else ''}); the last good checkpoint in "
+                f"{self.plan.checkpoints} is kept. Lower train.lr or check the neighbour shards.")
         self.opt.zero_grad(set_to_none=True)
         # The loss's gradient reaches only this worker's rows and DDP averages over workers:
         # scaling by the world size makes the update that of the whole global batch.
@@ -198,10 +234,21 @@ class Trainer:
                    "accuracy/refined": in_batch_accuracy(v_ref.detach().float(), t_ref.detach().float())}
         if self.rank == 0:
             self.log(metrics)
-            if self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.plan.total_steps:
-                save_checkpoint(self.plan.checkpoint, self.step, self.model, self.opt, self.sched,
-                                self.scaler, self.plan.fingerprint)
+        if self.step % self.cfg.train.checkpoint_every == 0 or self.step == self.plan.total_steps:
+            self.checkpoint(metrics)
         return metrics
+
+    def checkpoint(self, metrics: dict) -> None:
+        """Every worker reports (Ray Train's report is a barrier); rank 0 with the checkpoint."""
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write_checkpoint(folder, self.step, self.model, self.opt, self.sched, self.scaler,
+                             {"fingerprint": self.plan.fingerprint, "metrics": metrics,
+                              "resumed_from": self.resumed_from})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=checkpoint_dir_name(self.step))
 
     def log(self, metrics: dict) -> None:
         for name, value in metrics.items():
@@ -215,12 +262,14 @@ class Trainer:
         t = self.cfg.train
         meta = {"d": self.plan.d, "heads": t.heads, "mlp_ratio": t.mlp_ratio, "k": self.plan.k,
                 "retrieval": t.retrieval, "steps": self.step, "final_metrics": metrics,
+                "resumed_from": self.resumed_from,
                 "fingerprint": self.plan.fingerprint, "neighbors": self.plan.neighbors,
                 "config": self.cfg.model_dump(mode="json")}
         save_fusion(self.model, meta, self.plan.model_dir)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train entry point (runs on every worker)."""
+def train_loop_per_worker(config: dict) -> dict:
+    """The Ray Train entry point (runs on every worker); rank 0's return value reaches the
+    driver as `Result.return_value`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    Trainer(RecoConfig.model_validate_json(config["cfg"]), Plan.model_validate(config["plan"])).run()
+    return Trainer(RecoConfig.model_validate_json(config["cfg"]), Plan.model_validate(config["plan"])).run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from open_clip.loss import gather_features
 from torch import Tensor, nn
 
 
@@ -20,15 +21,13 @@ def info_nce(a: Tensor, b: Tensor, logit_scale: Tensor) -> Tensor:
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def gather(x: Tensor) -> Tensor:
-    """All workers' rows, concatenated in rank order; only our own rows carry gradient
-    (as open_clip's ClipLoss without gather_with_grad)."""
+def gather(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """All workers' rows of a and b, concatenated in rank order; only our own rows carry
+    gradient (open_clip's gather, as its ClipLoss without gather_with_grad)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts)
+        return a, b
+    return gather_features(a.contiguous(), b.contiguous(), local_loss=False, gather_with_grad=False,
+                           rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
 class RecoLoss(nn.Module):
@@ -40,6 +39,7 @@ class RecoLoss(nn.Module):
     """
 
     def forward(self, v: Tensor, t: Tensor, v_ref: Tensor, t_ref: Tensor, logit_scale: Tensor) -> Tensor:
-        v, t, v_ref, t_ref = (gather(x) for x in (v, t, v_ref, t_ref))
+        v, t = gather(v, t)
+        v_ref, t_ref = gather(v_ref, t_ref)
         return (info_nce(v_ref, t_ref, logit_scale) + info_nce(v_ref, t, logit_scale)
                 + info_nce(v, t_ref, logit_scale))

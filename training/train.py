@@ -1,20 +1,26 @@
 """`reco train`: the fusion modules trained with the RECO loss, as a Ray Train job.
 
 Workers (`train.num_workers`, `train.use_gpu`) each stream their own split of the
-neighbour shards with Ray Data; gradients are all-reduced by DDP. A checkpoint in
-`<workdir>/train/checkpoints/` every `train.checkpoint_every` steps lets a killed run
-resume at the same step, optimizer state and data position. The final weights and the
-config that made them go to `<workdir>/train/model/` (`model-noretrieval/` for the
-control trained with `train.retrieval=false`); TensorBoard logs to `train/logs/`.
+neighbour shards with Ray Data; gradients are all-reduced by DDP. Every
+`train.checkpoint_every` steps the workers report a checkpoint to Ray Train, kept in
+`<workdir>/train/ray/<run>/`: a lost worker is replaced and the run goes on from there
+(up to `train.max_failures` times), and a re-run of a killed driver resumes there too,
+at the same step, optimizer state and data position. The final weights and the config
+that made them go to `<workdir>/train/model/` (`model-noretrieval/` for the control
+trained with `train.retrieval=false`); TensorBoard logs to `train/logs/`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
+import pyarrow.fs
 import ray
 import ray.train
-from ray.train import DataConfig, ScalingConfig
+from fsspec.implementations.local import LocalFileSystem
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from reco import storage
@@ -22,12 +28,17 @@ from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import (FUSION_META, TRAIN_DIR, NeighborsManifest, fusion_model_dir, fusion_model_name,
                             neighbors_folder)
-from training.loop import NonFiniteLossError, Plan, load_checkpoint, train_loop_per_worker
+from training.loop import CHECKPOINT_META, NonFiniteLossError, Plan, check_fingerprint, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-RUNTIME_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every"}
+RUNTIME_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every", "max_failures"}
 """Train settings that may change between a run and its resumption."""
+
+RAY_DIR = "ray"
+"""Under `<workdir>/train/`: Ray Train's storage, one folder per run (its checkpoints)."""
+KEEP_CHECKPOINTS = 2
+"""Checkpoints kept per run; Ray Train deletes older ones once a newer one is registered."""
 
 
 def _check_shards(manifest: NeighborsManifest, folder: str, k: int) -> list[str]:
@@ -84,7 +95,7 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
                    **{key: v for key, v in t.model_dump(mode="json").items() if key not in RUNTIME_KEYS}}
     return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
                 total_steps=steps_per_epoch * t.epochs,
-                checkpoint=cfg.path(TRAIN_DIR, "checkpoints", f"{name}.pt"),
+                checkpoints=cfg.path(TRAIN_DIR, RAY_DIR, name),
                 model_dir=fusion_model_dir(cfg.workdir, t.retrieval), logdir=cfg.path(TRAIN_DIR, "logs", name),
                 fingerprint=fingerprint, neighbors=identity)
 
@@ -97,8 +108,42 @@ def _finished(plan: Plan) -> dict | None:
     meta = storage.read_json(url)
     if meta.get("fingerprint") != plan.fingerprint:
         raise ConfigError(f"train: {plan.model_dir} holds a model trained with other settings; delete "
-                          "it (and train/checkpoints/) to retrain, or use another workdir")
+                          f"it (and {plan.checkpoints}) to retrain, or use another workdir")
     return meta
+
+
+def latest_checkpoint(plan: Plan) -> tuple[str, dict] | None:
+    """(URL, meta.json) of the run's newest complete checkpoint folder in storage, if any.
+
+    Ray Train itself resumes from the latest checkpoint it registered; this look is the
+    driver's, to refuse one made with other settings before any worker starts."""
+    fs, path = storage.filesystem(plan.checkpoints)
+    fs.invalidate_cache(path)
+    if not fs.isdir(path):
+        return None
+    folders = sorted((p for p in fs.ls(path, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith(
+        "checkpoint-")), reverse=True)
+    for folder in folders:
+        url = storage.full_url(fs, folder.rstrip("/"))
+        try:
+            return url, storage.read_json(storage.join(url, CHECKPOINT_META))
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue  # a folder a killed run was still copying: never registered, never resumed
+    return None
+
+
+def run_config(cfg: RecoConfig) -> RunConfig:
+    """Ray Train's storage under `<workdir>/train/ray/`, one run per model name, so that a
+    re-run of the same command finds the run's checkpoints; any fsspec URL works."""
+    fs, path = storage.filesystem(cfg.path(TRAIN_DIR, RAY_DIR))
+    if isinstance(fs, LocalFileSystem):
+        where = {"storage_path": os.path.abspath(path)}
+    else:
+        where = {"storage_path": path,
+                 "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+    return RunConfig(name=fusion_model_name(cfg.train.retrieval), **where,
+                     checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                     failure_config=FailureConfig(max_failures=cfg.train.max_failures))
 
 
 def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
@@ -115,7 +160,8 @@ def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
         train_loop_per_worker, train_loop_config={"cfg": cfg.model_dump_json(), "plan": plan.model_dump()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
-        datasets={"train": dataset}, dataset_config=DataConfig(execution_options=options))
+        datasets={"train": dataset}, dataset_config=DataConfig(execution_options=options),
+        run_config=run_config(cfg))
 
 
 def train(cfg: RecoConfig) -> dict:
@@ -127,16 +173,20 @@ def train(cfg: RecoConfig) -> dict:
     if done is not None:
         log.info("%s is already trained (%d steps)", plan.model_dir, done["steps"])
         return done
-    load_checkpoint(plan.checkpoint, plan.fingerprint)  # one from other settings fails here, early
-    log.info("training %s: %d pairs, %d steps (%d per epoch), global batch %d on %d worker(s)",
+    latest = latest_checkpoint(plan)
+    if latest is not None:  # one from other settings fails here, early
+        check_fingerprint(latest[1], plan.fingerprint, latest[0])
+    log.info("training %s: %d pairs, %d steps (%d per epoch), global batch %d on %d worker(s)%s",
              plan.model_dir, plan.rows, plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
-             cfg.train.num_workers)
+             cfg.train.num_workers, f"; checkpoints up to step {latest[1]['step']} in storage" if latest else "")
     init_ray()
     try:
-        _trainer(cfg, plan, urls).fit()
+        result = _trainer(cfg, plan, urls).fit()
     except ray.train.WorkerGroupError as err:
         for failure in err.worker_failures.values():
-            if isinstance(failure, NonFiniteLossError):
+            if isinstance(failure, (NonFiniteLossError, ConfigError)):
                 raise failure from None
         raise
+    if isinstance(result.return_value, dict) and "error" in result.return_value:
+        raise NonFiniteLossError(result.return_value["error"])
     return storage.read_json(storage.join(plan.model_dir, FUSION_META))
