@@ -14,20 +14,18 @@ import logging
 
 import ray
 import ray.train
-from ray.train import DataConfig, ScalingConfig
+from ray.train import DataConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from reco import storage
-from reco.cluster import init_ray
+from reco.cluster import init_ray, ray_train_log_level
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import (FUSION_META, TRAIN_DIR, NeighborsManifest, fusion_model_dir, fusion_model_name,
                             neighbors_folder)
+from reco.depends import TRAIN_RUNTIME, neighbors_generation, stage_depends
 from training.loop import NonFiniteLossError, Plan, load_checkpoint, train_loop_per_worker
 
 log = logging.getLogger(__name__)
-
-RUNTIME_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every"}
-"""Train settings that may change between a run and its resumption."""
 
 
 def _check_shards(manifest: NeighborsManifest, folder: str, k: int) -> list[str]:
@@ -79,9 +77,11 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
     steps_per_epoch = (manifest.total_rows // t.num_workers) // (t.batch_size // t.num_workers)
     identity = {"split": t.split, "model": manifest.model, "pretrained": manifest.pretrained,
                 "d": manifest.d, "k": k, "rows": manifest.total_rows,
-                "dedup_threshold": manifest.dedup_threshold}
+                "dedup_threshold": manifest.dedup_threshold,
+                # re-made neighbours (e.g. over a grown memory) make the model and checkpoints stale
+                "generation": neighbors_generation(manifest)}
     fingerprint = {**identity, "seed": cfg.seed,
-                   **{key: v for key, v in t.model_dump(mode="json").items() if key not in RUNTIME_KEYS}}
+                   **{key: v for key, v in t.model_dump(mode="json").items() if key not in TRAIN_RUNTIME}}
     return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
                 total_steps=steps_per_epoch * t.epochs,
                 checkpoint=cfg.path(TRAIN_DIR, "checkpoints", f"{name}.pt"),
@@ -89,15 +89,39 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
                 fingerprint=fingerprint, neighbors=identity)
 
 
-def _finished(plan: Plan) -> dict | None:
-    """The saved metadata when this exact run already finished; an error for another run."""
+def _finished(plan: Plan, replace: bool) -> dict | None:
+    """The saved metadata when this exact run already finished. A model trained with other
+    settings or inputs is an error, or with `replace` it is made incomplete (its metadata
+    removed) for this run to replace."""
     url = storage.join(plan.model_dir, FUSION_META)
-    if not storage.exists(url):
-        return None
-    meta = storage.read_json(url)
-    if meta.get("fingerprint") != plan.fingerprint:
+    meta = storage.read_json(url) if storage.exists(url) else None
+    if meta is None or meta.get("fingerprint") == plan.fingerprint:
+        return meta
+    if not replace:
         raise ConfigError(f"train: {plan.model_dir} holds a model trained with other settings; delete "
-                          "it (and train/checkpoints/) to retrain, or use another workdir")
+                          "it (and train/checkpoints/) to retrain, run `reco run` (which replaces it), "
+                          "or use another workdir")
+    log.info("train: %s was trained with other settings or inputs; replacing it", plan.model_dir)
+    storage.remove(url)
+    return None
+
+
+def _check_checkpoint(plan: Plan, replace: bool) -> None:
+    """A checkpoint of other settings fails here, early; with `replace` it is removed."""
+    try:
+        load_checkpoint(plan.checkpoint, plan.fingerprint)
+    except ConfigError:
+        if not replace:
+            raise
+        log.warning("train: removing %s, a checkpoint of other settings", plan.checkpoint)
+        storage.remove(plan.checkpoint)
+
+
+def _record(model_dir: str, meta: dict, depends: dict) -> dict:
+    """`depends` (reco/depends.py) in the model's metadata, so `reco run` can skip training."""
+    if meta.get("depends") != depends:
+        meta = {**meta, "depends": depends}
+        storage.write_json_atomic(storage.join(model_dir, FUSION_META), meta)
     return meta
 
 
@@ -115,19 +139,22 @@ def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
         train_loop_per_worker, train_loop_config={"cfg": cfg.model_dump_json(), "plan": plan.model_dump()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
-        datasets={"train": dataset}, dataset_config=DataConfig(execution_options=options))
+        datasets={"train": dataset}, dataset_config=DataConfig(execution_options=options),
+        run_config=RunConfig(logging_config=LoggingConfig(log_level=ray_train_log_level())))
 
 
-def train(cfg: RecoConfig) -> dict:
+def train(cfg: RecoConfig, replace: bool = False) -> dict:
     """`reco train`: train (or resume, or skip if finished) the fusion modules; returns the
-    metadata saved with the final model (including its last step's metrics)."""
+    metadata saved with the final model (including its last step's metrics). A model or
+    checkpoint of other settings is an error, or with `replace` (`reco run`) replaced."""
     manifest, urls = _validate(cfg)
+    depends = stage_depends(cfg, "train")
     plan = make_plan(cfg, manifest)
-    done = _finished(plan)
+    done = _finished(plan, replace)
     if done is not None:
         log.info("%s is already trained (%d steps)", plan.model_dir, done["steps"])
-        return done
-    load_checkpoint(plan.checkpoint, plan.fingerprint)  # one from other settings fails here, early
+        return _record(plan.model_dir, done, depends)
+    _check_checkpoint(plan, replace)
     log.info("training %s: %d pairs, %d steps (%d per epoch), global batch %d on %d worker(s)",
              plan.model_dir, plan.rows, plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
              cfg.train.num_workers)
@@ -139,4 +166,4 @@ def train(cfg: RecoConfig) -> dict:
             if isinstance(failure, NonFiniteLossError):
                 raise failure from None
         raise
-    return storage.read_json(storage.join(plan.model_dir, FUSION_META))
+    return _record(plan.model_dir, storage.read_json(storage.join(plan.model_dir, FUSION_META)), depends)
