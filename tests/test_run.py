@@ -96,3 +96,33 @@ def test_no_url_list_and_no_shards_is_an_error(tmp_path, tiny_checkpoint):
     with pytest.raises(ConfigError, match="download.url_list: required"):
         run_pipeline(cfg)
     assert not (tmp_path / "work").exists()
+
+
+def test_quiet_console_settings(monkeypatch, caplog):
+    """Ray's loggers are quieted, ours are not; a submitted job's own settings are kept."""
+    import logging
+
+    from reco import cluster
+
+    caplog.set_level(logging.INFO)  # as the CLI sets it
+
+    for name in (cluster.VERBOSE_ENV, cluster.JOB_CONFIG_ENV, *cluster.QUIET_ENV):
+        monkeypatch.delenv(name, raising=False)
+    levels = {name: logging.getLogger(name).level for name in cluster.QUIET_LEVELS}
+    try:
+        cluster.quiet_ray_logging()
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        assert not auth.isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("ray.data").isEnabledFor(logging.INFO)
+        assert logging.getLogger("training.loop").isEnabledFor(logging.INFO)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    hook = {"worker_process_setup_hook": "reco.cluster.setup_worker"}
+    assert cluster._worker_runtime_env() == {"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}, **hook}
+    job = {"env_vars": {"RAY_DATA_LOG_LEVEL": "INFO"}, "worker_process_setup_hook": "theirs.hook"}
+    monkeypatch.setenv(cluster.JOB_CONFIG_ENV, json.dumps({"runtime_env": job}))
+    assert cluster._worker_runtime_env() is None
+    monkeypatch.delenv(cluster.JOB_CONFIG_ENV)
+    monkeypatch.setenv(cluster.VERBOSE_ENV, "1")
+    assert cluster._worker_runtime_env() == {"env_vars": {cluster.VERBOSE_ENV: "1"}, **hook}
