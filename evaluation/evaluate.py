@@ -32,6 +32,7 @@ from reco.cluster import cluster_gpus, init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import (EVAL_DIR, EVAL_EMBEDDINGS_DIR, FUSION_META, MANIFEST, MEMORY_DIR, MODALITIES,
                             MemoryManifest, embeddings_to_numpy, fusion_model_dir, index_folder)
+from reco.depends import stage_depends
 from reco.encode import embed_shards, encode_texts
 from reco.fusion import load_fusion, refine
 from reco.models import embed_dim, validate_model_config
@@ -171,6 +172,7 @@ def evaluate_set(ds: EvalSet, emb: Embedded, memory: MemoryIndex, fusion, contro
 def evaluate(cfg: RecoConfig) -> dict[str, Any]:
     """`reco evaluate`: every dataset, baseline vs RECO; writes and returns the report."""
     check_evaluate(cfg)
+    depends = stage_depends(cfg, "evaluate")
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     sets = [prepare_dataset(cfg, spec) for spec in cfg.evaluate.datasets]
@@ -199,5 +201,5 @@ def evaluate(cfg: RecoConfig) -> dict[str, Any]:
     config = {"model": cfg.model.model_dump(), "memory_pairs": int(memory.ntotal), "k": int(k),
               "dedup_threshold": threshold, "fusion_model": fusion_model_dir(cfg.workdir),
               "fusion_steps": meta.get("steps"), "no_retrieval_model": control_dir if control else None,
-              "seed": cfg.seed, "seconds": seconds}
+              "seed": cfg.seed, "seconds": seconds, "depends": depends}
     return write_report(cfg.path(EVAL_DIR), results, datasets, config)

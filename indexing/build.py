@@ -45,6 +45,7 @@ from reco.config import ConfigError, RecoConfig
 from reco.contracts import (INDEX_DIR, INDEX_EMBEDDINGS_DIR, MANIFEST, MEMORY_DIR, MODALITIES, CoveredShard,
                             IndexManifest, IndexShard, MemoryManifest, MemoryShard, SkipStats, embeddings_to_numpy,
                             index_folder)
+from reco.depends import stage_depends
 from reco.search import (MemoryIndex, MemoryIndexError, gpu_available, load_npy, merge_results, read_index,
                          write_index)
 
@@ -82,9 +83,11 @@ def build_index(cfg: RecoConfig) -> dict[str, IndexManifest]:
     """Build or update `<workdir>/index/{image,text}/`; returns the two manifests."""
     memory = _read_memory(cfg.path(MEMORY_DIR))
     _validate(cfg, memory)
+    depends = stage_depends(cfg, "index")
     previous = _previous(cfg, memory)
     if previous is not None and _up_to_date(cfg, previous, memory):
         log.info("index: up to date with the %d memory shards; nothing to do", len(memory.shards))
+        _record(cfg, previous, depends)
         return previous
     init_ray()
     seconds: dict[str, float] = {}
@@ -108,10 +111,21 @@ def build_index(cfg: RecoConfig) -> dict[str, IndexManifest]:
     generation = 1 + max((m.generation for m in (previous or {}).values()), default=0)
     t = time.perf_counter()
     drafts = {m: _merge_modality(cfg, m, memory, trained, groups, reuse, pieces, generation) for m in MODALITIES}
+    for draft in drafts.values():
+        draft.depends = depends
     seconds["merge"] = time.perf_counter() - t
     manifests = _finish(cfg, drafts, trained, seconds)
     _remove_stale(cfg, manifests)
     return manifests
+
+
+def _record(cfg: RecoConfig, manifests: dict[str, IndexManifest], depends: dict) -> None:
+    """Record settings that changed nothing (e.g. a larger max_memory choosing the same key),
+    so that `reco run` skips the index next time; the generation stays."""
+    for modality in reversed(MODALITIES):  # image last, as in _finish
+        if manifests[modality].depends != depends:
+            manifests[modality].depends = depends
+            manifests[modality].write(index_folder(cfg.workdir, modality))
 
 
 def _read_memory(folder: str) -> MemoryManifest:

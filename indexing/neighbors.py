@@ -26,6 +26,7 @@ from reco.config import ConfigError, RecoConfig
 from reco.contracts import (MANIFEST, MEMORY_DIR, MODALITIES, MemoryManifest, IndexManifest, NeighborsManifest,
                             NeighborsShard, embeddings_to_numpy, index_folder, neighbors_folder, neighbors_schema,
                             neighbors_table)
+from reco.depends import stage_depends
 from reco.search import MemoryIndex, retrieve
 from reco.shard_jobs import ShardActor, actor_resources, find_finished, run_shard_jobs
 
@@ -126,6 +127,7 @@ def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     `neighbors.input` (default the memory), skipping shards already written."""
     input_dir = cfg.neighbors.input or cfg.path(MEMORY_DIR)
     queries, generation = _validate(cfg, input_dir)
+    depends = stage_depends(cfg, "neighbors")
     out_dir = neighbors_folder(cfg.workdir, cfg.neighbors.split)
     fingerprint = _fingerprint(cfg, input_dir, generation)
     jobs = [(storage.join(input_dir, s.path), s.path) for s in queries.shards]
@@ -147,7 +149,8 @@ def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     manifest = NeighborsManifest(
         split=cfg.neighbors.split, input=input_dir, model=queries.model, pretrained=queries.pretrained,
         d=queries.d, k=cfg.neighbors.k, dtype=queries.dtype, dedup_threshold=cfg.neighbors.dedup_threshold,
-        shards=shards, total_rows=sum(s.rows for s in shards), short=sum(s.short for s in shards))
+        shards=shards, total_rows=sum(s.rows for s in shards), short=sum(s.short for s in shards),
+        depends=depends)
     if manifest == NeighborsManifest.read(out_dir):
         log.info("%s is up to date (%d queries)", out_dir, manifest.total_rows)
         return manifest

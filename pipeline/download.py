@@ -33,6 +33,7 @@ from reco.cluster import cluster_cpus, init_ray
 from reco.config import ConfigError, DownloadConfig, RecoConfig
 from reco.errors import RecoError
 from reco.contracts import CORPUS_DIR, MANIFEST, CorpusManifest
+from reco.depends import stage_depends
 
 # albumentations (imported by img2dataset) asks PyPI for a newer version on import unless told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -267,6 +268,7 @@ def download(cfg: RecoConfig) -> CorpusManifest | None:
     if d.url_list is None:
         return _no_url_list(cfg, out_dir)
     plan = plan_url_list(d)
+    depends = stage_depends(cfg, "download")
     if d.incremental_mode == "overwrite":
         storage.remove(out_dir, recursive=True)
     done = _done_shards(out_dir)
@@ -275,6 +277,9 @@ def download(cfg: RecoConfig) -> CorpusManifest | None:
     if not pending and previous is not None and previous.input_files == plan.files \
             and previous.input_rows == sum(plan.rows):
         log.info("corpus is up to date: all %d shards downloaded", len(plan.shard_ids))
+        if previous.depends != depends:  # settings that changed nothing: recorded, so `reco run` skips
+            previous.depends = depends
+            previous.write(out_dir)
         return previous
     log.info("%d rows in %d shards: %d downloaded, %d to download", sum(plan.rows),
              len(plan.shard_ids), len(plan.shard_ids) - len(pending), len(pending))
@@ -282,6 +287,7 @@ def download(cfg: RecoConfig) -> CorpusManifest | None:
     if pending:
         _download_pending(cfg, out_dir, pending, done)
     manifest = _aggregate(plan, out_dir)
+    manifest.depends = depends
     manifest.write(out_dir)
     for folder in (TMP_DIR, STAGING_DIR):
         storage.remove(storage.join(out_dir, folder), recursive=True)

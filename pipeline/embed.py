@@ -8,12 +8,13 @@ skips the shards already in the memory and appends new ones with ids continuing.
 from __future__ import annotations
 
 from reco.config import RecoConfig
-from reco.contracts import CORPUS_DIR, MEMORY_DIR, MemoryManifest
+from reco.contracts import MEMORY_DIR, MemoryManifest
+from reco.depends import embed_input, stage_depends
 from reco.encode import embed_shards
 from reco.tars import list_shards
 
 
 def embed(cfg: RecoConfig) -> MemoryManifest:
     """`reco embed`: embed every corpus shard not yet in `<workdir>/memory`."""
-    sources = list_shards(cfg.embed.input or cfg.download.output or cfg.path(CORPUS_DIR))
-    return embed_shards(cfg, sources, cfg.path(MEMORY_DIR))
+    sources = list_shards(embed_input(cfg))
+    return embed_shards(cfg, sources, cfg.path(MEMORY_DIR), depends=stage_depends(cfg, "embed", sources))

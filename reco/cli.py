@@ -37,15 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reco", description="RECO: retrieval-enhanced CLIP on Ray. Stages run in order: "
         + " -> ".join(STAGES) + ".")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own logs (hidden otherwise)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. embed.batch_size=64")
-    p = sub.add_parser("run", help="run every stage in order, skipping finished ones")
+    p = sub.add_parser("run", help="run every stage in order, skipping those whose output is up to date")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--dry-run", action="store_true", help="list what would run and why; run nothing")
     p = sub.add_parser("serve", help="serve the trained model's embeddings over HTTP (Ray Serve) until Ctrl-C")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. serve.port=8001")
@@ -55,10 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging(verbose: bool) -> None:
+    """Our progress at INFO; Ray's internals only with -v (reco.cluster.quiet_ray_logging)."""
+    from reco.cluster import VERBOSE_ENV, quiet_ray_logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # inherited by the local Ray's workers too
+    quiet_ray_logging()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _setup_logging(args.verbose)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         if args.command == "demo":
@@ -69,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from reco.serve import serve_forever
             return serve_forever(cfg)
-        for name in (STAGES if args.command == "run" else [args.command]):
-            logging.getLogger("reco").info("stage %s", name)
-            stage_function(name)(cfg)
+        if args.command == "run":
+            from reco.run import run_pipeline
+            run_pipeline(cfg, dry_run=args.dry_run)
+        else:
+            stage_function(args.command)(cfg)
         return 0
     except RecoError as err:
         print(f"reco: error: {err}", file=sys.stderr)

@@ -1,13 +1,75 @@
-"""Joining Ray: the cluster named by RAY_ADDRESS (a job, a `ray start` head), else a local one."""
+"""Joining Ray: the cluster named by RAY_ADDRESS (a job, a `ray start` head), else a local one.
+
+Also a quiet console: our stages' progress and results, not Ray's internals (execution
+plans, actor start-up warnings, the token-authentication notice). `reco -v` (RECO_VERBOSE=1)
+shows them again. Token authentication itself stays as Ray sets it; only its log line goes.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import ray
 
 log = logging.getLogger(__name__)
+
+VERBOSE_ENV = "RECO_VERBOSE"
+QUIET_LEVELS = {
+    "ray": logging.WARNING,
+    "ray.data": logging.WARNING,  # "Starting execution", "Execution plan", progress every 10 s
+    "ray.data._internal.progress": logging.ERROR,  # "Progress bars disabled ..."
+    "ray.train": logging.WARNING,
+    "ray._private.authentication": logging.ERROR,  # "Token authentication is enabled ..."
+    # Repeated while the State API has no dashboard to ask (we start Ray without one).
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "faiss": logging.WARNING,
+    "autofaiss": logging.WARNING,
+}
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_ray_logging() -> None:
+    """Keep Ray's and faiss's internals off the console unless verbose. Runs in the driver
+    (the CLI, before Ray starts, so child processes inherit the environment) and, as the
+    worker setup hook, in every Ray worker."""
+    if verbose():
+        return
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for name, level in QUIET_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def ray_train_log_level() -> str:
+    """Ray Train's own console level (its controller and workers configure their loggers)."""
+    return "INFO" if verbose() else "WARNING"
+
+
+def setup_worker() -> None:
+    """Every Ray worker's setup hook: the driver's console settings, and RAY_ADDRESS naming
+    this cluster, so that Ray's own State API clients in workers (Ray Train's placement
+    group cleaner) do not die of "Found multiple active Ray instances" on a shared machine."""
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    quiet_ray_logging()
+
+
+def _worker_runtime_env() -> dict | None:
+    """The workers' share of the console settings, less what a submitted job's runtime
+    env already sets (Ray refuses to merge two values of one key)."""
+    job = json.loads(os.environ.get(JOB_CONFIG_ENV, "{}")).get("runtime_env") or {}
+    wanted = {VERBOSE_ENV: "1"} if verbose() else QUIET_ENV
+    env_vars = {k: v for k, v in wanted.items() if k not in (job.get("env_vars") or {})}
+    runtime_env = {"env_vars": env_vars} if env_vars else {}
+    if "worker_process_setup_hook" not in job:
+        runtime_env["worker_process_setup_hook"] = "reco.cluster.setup_worker"
+    return runtime_env or None
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -19,14 +81,18 @@ def init_ray(num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
+    quiet_ray_logging()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             log_to_driver=True, configure_logging=False)
+        ray.init(address=address, log_to_driver=True, runtime_env=_worker_runtime_env())
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False, runtime_env=_worker_runtime_env())
+    if not verbose():
+        # Our stages draw their own progress bars; Ray Data's would double them.
+        ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def cluster_gpus() -> int:

@@ -8,7 +8,7 @@ position (dense 0..N-1), so an index id maps back to its pair without a join.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from typing_extensions import Self
 
@@ -111,6 +111,10 @@ class MemoryShard(BaseModel):
 
 class Manifest(BaseModel):
     """A stage folder's `_manifest.json`: written last, so its presence means "done"."""
+
+    depends: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """What the output was made from: {"config": the stage's config values, "inputs": its
+    inputs' generation} (reco/depends.py); `reco run` skips the stage while both match."""
 
     @classmethod
     def read(cls, folder: str) -> "Self | None":

@@ -213,11 +213,12 @@ def _decode_threads(cfg: RecoConfig, cpus: float, gpus: float) -> int:
     return int(cpus) if gpus else 0
 
 
-def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str) -> MemoryManifest:
+def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str, depends: dict | None = None) -> MemoryManifest:
     """Embed webdataset shards into a memory-format folder (Parquet parts + manifest).
 
     Shards already recorded in `out_dir`'s manifest are skipped, new ones appended with
     ids continuing. Evaluation sets use this too, so they are embedded by the same code.
+    `depends` (reco/depends.py), if given, is recorded in the manifest.
     """
     validate_model_config(cfg.model)
     d = embed_dim(cfg.model)
@@ -228,6 +229,9 @@ def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str) -> MemoryMan
     pending = [s for s in sources if s not in done]
     if not pending:
         log.info("memory is up to date: all %d input shards embedded", len(sources))
+        if depends is not None and previous.depends != depends:  # e.g. an input shard removed
+            previous.depends = depends
+            previous.write(out_dir)
         return previous
 
     staging = storage.join(out_dir, STAGING_DIR)
@@ -249,13 +253,15 @@ def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str) -> MemoryMan
                                     InputShardStats, desc="embed"):
             staged[stats.source] = stats
         log.info("embedded %d shards in %.1fs", len(todo), time.perf_counter() - start)
-    return _finalize(cfg, out_dir, previous, pending, staged, d)
+    return _finalize(cfg, out_dir, previous, pending, staged, d, depends)
 
 
 def _finalize(cfg: RecoConfig, out_dir: str, previous: MemoryManifest | None, pending: list[str],
-              staged: dict[str, InputShardStats], d: int) -> MemoryManifest:
+              staged: dict[str, InputShardStats], d: int, depends: dict | None) -> MemoryManifest:
     manifest = previous or MemoryManifest(model=cfg.model.name, pretrained=cfg.model.pretrained,
                                           model_config_file=cfg.model.config, d=d, dtype=cfg.embed.dtype)
+    if depends is not None:
+        manifest.depends = depends
     staging = storage.join(out_dir, STAGING_DIR)
     schema = memory_schema(d, cfg.embed.dtype)
     jobs = []

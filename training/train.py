@@ -20,20 +20,18 @@ import pyarrow.fs
 import ray
 import ray.train
 from fsspec.implementations.local import LocalFileSystem
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from reco import storage
-from reco.cluster import init_ray
+from reco.cluster import init_ray, ray_train_log_level
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import (FUSION_META, TRAIN_DIR, NeighborsManifest, fusion_model_dir, fusion_model_name,
                             neighbors_folder)
+from reco.depends import TRAIN_RUNTIME, neighbors_generation, stage_depends
 from training.loop import CHECKPOINT_META, NonFiniteLossError, Plan, check_fingerprint, train_loop_per_worker
 
 log = logging.getLogger(__name__)
-
-RUNTIME_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every", "max_failures"}
-"""Train settings that may change between a run and its resumption."""
 
 RAY_DIR = "ray"
 """Under `<workdir>/train/`: Ray Train's storage, one folder per run (its checkpoints)."""
@@ -90,9 +88,11 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
     steps_per_epoch = (manifest.total_rows // t.num_workers) // (t.batch_size // t.num_workers)
     identity = {"split": t.split, "model": manifest.model, "pretrained": manifest.pretrained,
                 "d": manifest.d, "k": k, "rows": manifest.total_rows,
-                "dedup_threshold": manifest.dedup_threshold}
+                "dedup_threshold": manifest.dedup_threshold,
+                # re-made neighbours (e.g. over a grown memory) make the model and checkpoints stale
+                "generation": neighbors_generation(manifest)}
     fingerprint = {**identity, "seed": cfg.seed,
-                   **{key: v for key, v in t.model_dump(mode="json").items() if key not in RUNTIME_KEYS}}
+                   **{key: v for key, v in t.model_dump(mode="json").items() if key not in TRAIN_RUNTIME}}
     return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
                 total_steps=steps_per_epoch * t.epochs,
                 checkpoints=cfg.path(TRAIN_DIR, RAY_DIR, name),
@@ -100,15 +100,45 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
                 fingerprint=fingerprint, neighbors=identity)
 
 
-def _finished(plan: Plan) -> dict | None:
-    """The saved metadata when this exact run already finished; an error for another run."""
+def _finished(plan: Plan, replace: bool) -> dict | None:
+    """The saved metadata when this exact run already finished. A model trained with other
+    settings or inputs is an error, or with `replace` it is made incomplete (its metadata
+    removed) for this run to replace."""
     url = storage.join(plan.model_dir, FUSION_META)
-    if not storage.exists(url):
-        return None
-    meta = storage.read_json(url)
-    if meta.get("fingerprint") != plan.fingerprint:
+    meta = storage.read_json(url) if storage.exists(url) else None
+    if meta is None or meta.get("fingerprint") == plan.fingerprint:
+        return meta
+    if not replace:
         raise ConfigError(f"train: {plan.model_dir} holds a model trained with other settings; delete "
-                          f"it (and {plan.checkpoints}) to retrain, or use another workdir")
+                          f"it (and {plan.checkpoints}) to retrain, run `reco run` (which replaces it), "
+                          "or use another workdir")
+    log.info("train: %s was trained with other settings or inputs; replacing it", plan.model_dir)
+    storage.remove(url)
+    return None
+
+
+def _check_checkpoints(plan: Plan, replace: bool) -> tuple[str, dict] | None:
+    """The newest checkpoint in storage, if made with these settings. One of other settings
+    fails here, before any worker starts; with `replace` the run's checkpoints are removed."""
+    latest = latest_checkpoint(plan)
+    if latest is None:
+        return None
+    try:
+        check_fingerprint(latest[1], plan.fingerprint, latest[0])
+        return latest
+    except ConfigError:
+        if not replace:
+            raise
+    log.warning("train: removing %s, checkpoints of other settings", plan.checkpoints)
+    storage.remove(plan.checkpoints, recursive=True)
+    return None
+
+
+def _record(model_dir: str, meta: dict, depends: dict) -> dict:
+    """`depends` (reco/depends.py) in the model's metadata, so `reco run` can skip training."""
+    if meta.get("depends") != depends:
+        meta = {**meta, "depends": depends}
+        storage.write_json_atomic(storage.join(model_dir, FUSION_META), meta)
     return meta
 
 
@@ -143,7 +173,8 @@ def run_config(cfg: RecoConfig) -> RunConfig:
                  "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
     return RunConfig(name=fusion_model_name(cfg.train.retrieval), **where,
                      checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                     failure_config=FailureConfig(max_failures=cfg.train.max_failures))
+                     failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                     logging_config=LoggingConfig(log_level=ray_train_log_level()))
 
 
 def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
@@ -164,18 +195,18 @@ def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
         run_config=run_config(cfg))
 
 
-def train(cfg: RecoConfig) -> dict:
+def train(cfg: RecoConfig, replace: bool = False) -> dict:
     """`reco train`: train (or resume, or skip if finished) the fusion modules; returns the
-    metadata saved with the final model (including its last step's metrics)."""
+    metadata saved with the final model (including its last step's metrics). A model or
+    checkpoint of other settings is an error, or with `replace` (`reco run`) replaced."""
     manifest, urls = _validate(cfg)
     plan = make_plan(cfg, manifest)
-    done = _finished(plan)
+    depends = stage_depends(cfg, "train")
+    done = _finished(plan, replace)
     if done is not None:
         log.info("%s is already trained (%d steps)", plan.model_dir, done["steps"])
-        return done
-    latest = latest_checkpoint(plan)
-    if latest is not None:  # one from other settings fails here, early
-        check_fingerprint(latest[1], plan.fingerprint, latest[0])
+        return _record(plan.model_dir, done, depends)
+    latest = _check_checkpoints(plan, replace)
     log.info("training %s: %d pairs, %d steps (%d per epoch), global batch %d on %d worker(s)%s",
              plan.model_dir, plan.rows, plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
              cfg.train.num_workers, f"; checkpoints up to step {latest[1]['step']} in storage" if latest else "")
@@ -189,4 +220,4 @@ def train(cfg: RecoConfig) -> dict:
         raise
     if isinstance(result.return_value, dict) and "error" in result.return_value:
         raise NonFiniteLossError(result.return_value["error"])
-    return storage.read_json(storage.join(plan.model_dir, FUSION_META))
+    return _record(plan.model_dir, storage.read_json(storage.join(plan.model_dir, FUSION_META)), depends)

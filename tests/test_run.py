@@ -1,0 +1,128 @@
+"""`reco run`: a stage is skipped only while its recorded config values and input
+generations match; a changed key re-runs that stage and those after it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reco.config import ConfigError, RecoConfig, config_from_dict
+from reco.demo import synthetic
+from reco.run import run_pipeline
+from tests.test_evaluate import folder_dataset, write_imagefolder
+
+STAGES = ["download", "embed", "index", "neighbors", "train", "evaluate"]
+
+
+def world_config(base: Path, checkpoint: str, **overrides: dict) -> RecoConfig:
+    """A tiny world starting from shards the user already has (embed.input, no url_list)."""
+    data = {"workdir": str(base / "work"), "model": {"name": "reco-tiny", "pretrained": checkpoint},
+            "embed": {"input": str(base / "corpus"), "batch_size": 16}, "index": {"key": "Flat"},
+            "neighbors": {"k": 3, "dedup_threshold": 0.999},
+            "train": {"batch_size": 16, "epochs": 1, "warmup_steps": 0, "checkpoint_every": 100},
+            "evaluate": {"datasets": [folder_dataset(base / "images")]}}
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
+    return config_from_dict(data)
+
+
+def statuses(runs) -> dict[str, str]:
+    return {r.stage: r.status for r in runs}
+
+
+def mtimes(workdir: Path) -> dict[str, int]:
+    return {str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_checkpoint):
+    """The tiny world after one full `reco run` (48 memory pairs in 2 shards, 16 eval images)."""
+    from tests.conftest import start_local_ray
+
+    start_local_ray()
+    base = tmp_path_factory.mktemp("run")
+    synthetic.write_webdataset(synthetic.make_samples(48, seed=11, class_ids=range(4)), str(base / "corpus"),
+                               samples_per_shard=24)
+    write_imagefolder(base / "images", n_classes=4, per_class=4)
+    first = run_pipeline(world_config(base, tiny_checkpoint))
+    return base, tiny_checkpoint, first
+
+
+def test_first_run_runs_every_stage_but_download(world):
+    _, _, first = world
+    assert statuses(first) == {"download": "skipped", **{s: "done" for s in STAGES[1:]}}
+    assert "no download.url_list" in first[0].reason
+
+
+def test_second_run_does_no_work(world):
+    base, checkpoint, _ = world
+    before = mtimes(base / "work")
+    again = run_pipeline(world_config(base, checkpoint))
+    assert statuses(again) == dict.fromkeys(STAGES, "skipped")
+    assert mtimes(base / "work") == before
+    # runtime settings change no output, so they re-run nothing either
+    runtime = world_config(base, checkpoint, neighbors={"batch_size": 7}, train={"log_every": 3})
+    assert set(statuses(run_pipeline(runtime, dry_run=True)).values()) == {"skipped"}
+
+
+def test_changed_k_reruns_neighbors_train_and_evaluate(world):
+    base, checkpoint, _ = world
+    cfg = world_config(base, checkpoint, neighbors={"k": 4})
+    planned = run_pipeline(cfg, dry_run=True)
+    assert statuses(planned) == {"download": "skipped", "embed": "skipped", "index": "skipped",
+                                 "neighbors": "would run", "train": "may run", "evaluate": "may run"}
+    assert "neighbors.k: 3 -> 4" in planned[3].reason
+    runs = run_pipeline(cfg)
+    assert statuses(runs) == {"download": "skipped", "embed": "skipped", "index": "skipped",
+                              "neighbors": "done", "train": "done", "evaluate": "done"}
+    assert "neighbors.generation" in runs[4].reason
+    assert statuses(run_pipeline(cfg, dry_run=True)) == dict.fromkeys(STAGES, "skipped")
+    assert json.loads((base / "work" / "train" / "model" / "config.json").read_text())["k"] == 4
+
+
+def test_changed_model_over_an_existing_memory_is_an_error(world):
+    base, checkpoint, _ = world
+    before = mtimes(base / "work")
+    with pytest.raises(ConfigError, match=r"model\.pretrained: .* -> None.*new workdir"):
+        run_pipeline(world_config(base, checkpoint, model={"pretrained": None}))
+    assert mtimes(base / "work") == before
+
+
+def test_no_url_list_and_no_shards_is_an_error(tmp_path, tiny_checkpoint):
+    cfg = world_config(tmp_path, tiny_checkpoint)
+    cfg.embed.input = None
+    with pytest.raises(ConfigError, match="download.url_list: required"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "work").exists()
+
+
+def test_quiet_console_settings(monkeypatch, caplog):
+    """Ray's loggers are quieted, ours are not; a submitted job's own settings are kept."""
+    import logging
+
+    from reco import cluster
+
+    caplog.set_level(logging.INFO)  # as the CLI sets it
+
+    for name in (cluster.VERBOSE_ENV, cluster.JOB_CONFIG_ENV, *cluster.QUIET_ENV):
+        monkeypatch.delenv(name, raising=False)
+    levels = {name: logging.getLogger(name).level for name in cluster.QUIET_LEVELS}
+    try:
+        cluster.quiet_ray_logging()
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        assert not auth.isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("ray.data").isEnabledFor(logging.INFO)
+        assert logging.getLogger("training.loop").isEnabledFor(logging.INFO)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    hook = {"worker_process_setup_hook": "reco.cluster.setup_worker"}
+    assert cluster._worker_runtime_env() == {"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}, **hook}
+    job = {"env_vars": {"RAY_DATA_LOG_LEVEL": "INFO"}, "worker_process_setup_hook": "theirs.hook"}
+    monkeypatch.setenv(cluster.JOB_CONFIG_ENV, json.dumps({"runtime_env": job}))
+    assert cluster._worker_runtime_env() is None
+    monkeypatch.delenv(cluster.JOB_CONFIG_ENV)
+    monkeypatch.setenv(cluster.VERBOSE_ENV, "1")
+    assert cluster._worker_runtime_env() == {"env_vars": {cluster.VERBOSE_ENV: "1"}, **hook}
