@@ -1,8 +1,10 @@
 """The frozen CLIP: any open_clip architecture, plus `reco-tiny` for tests and smoke runs.
 
 `model.pretrained` is an open_clip tag (downloaded by open_clip from its hub), a local
-checkpoint file, or an fsspec URL of one (copied to a local cache first). `model.config`
-registers a custom architecture's open_clip JSON under `model.name` before creation.
+checkpoint file, or an fsspec URL of one (copied to a local cache first); a file is
+loaded with `torch.load(weights_only=True)` on the driver before any work, so nothing
+pickled in it runs. `model.config` registers a custom architecture's open_clip JSON
+under `model.name` before creation.
 """
 
 from __future__ import annotations
@@ -97,8 +99,8 @@ def check_checkpoint(src: str) -> None:
     with open(path, "rb") as f:
         is_pickle = f.read(1) == PICKLE_PROTO
     if not (is_zip or is_pickle):
-        raise ConfigError(f"model.pretrained: {src} is not a PyTorch checkpoint (neither torch.save's "
-                          "zip nor its legacy format); give a file saved with torch.save(state_dict)")
+        raise ConfigError(f"model.pretrained: {src} is not a PyTorch checkpoint, or is truncated (neither "
+                          "torch.save's zip nor its legacy format); give a file saved with torch.save(state_dict)")
     try:
         # mmap (zip format only): tensors are mapped, not read, so a large checkpoint costs little.
         torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
@@ -106,8 +108,8 @@ def check_checkpoint(src: str) -> None:
         lines = [line.strip() for line in str(err).splitlines()]
         detail = next((line for line in lines if line.startswith(("Trying", "Unsupported"))), lines[0])
         raise ConfigError(
-            f"model.pretrained: checkpoint {src} holds more than tensors, refused unread by "
-            f"torch.load(weights_only=True) ({detail}). Save only the weights: "
+            f"model.pretrained: checkpoint {src} holds more than tensors; torch.load(weights_only=True) "
+            f"refused it and ran none of it ({detail}). Save only the weights: "
             "torch.save(model.state_dict(), path), from code you trust") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise ConfigError(f"model.pretrained: {src} is not a readable PyTorch checkpoint "
