@@ -114,11 +114,24 @@ def _read_classnames_file(spec: EvalDataset, url: str) -> list[str] | dict[str, 
     with fsspec.open(url, "r") as f:
         text = f.read()
     if url.endswith(".json"):
-        names = json.loads(text)
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{_where(spec)}.classnames: {url} is not valid JSON ({err})") from None
         if isinstance(names, dict) and spec.name in names and isinstance(names[spec.name], list):
             names = names[spec.name]  # clip_benchmark's layout: {dataset: [names]}
+        if not _are_names(names):
+            raise ConfigError(f"{_where(spec)}.classnames: {url} holds {type(names).__name__} {str(names)[:60]}; "
+                              "expected a list of strings, or a mapping folder -> name of strings")
         return names
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _are_names(names: object) -> bool:
+    """A list of class names, or a mapping of strings to names."""
+    if isinstance(names, dict):
+        return all(isinstance(k, str) and isinstance(v, str) for k, v in names.items())
+    return isinstance(names, list) and all(isinstance(n, str) for n in names)
 
 
 def _class_folders(spec: EvalDataset) -> dict[str, list[str]]:

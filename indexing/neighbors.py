@@ -92,6 +92,18 @@ def _finished(url: str, fingerprint: str) -> NeighborsShard | None:
     return NeighborsShard.model_validate(meta["shard"])
 
 
+def _check_index_files(index: IndexManifest, folder: str) -> None:
+    """Each index shard present at its recorded size, checked here on the driver: in the
+    searchers, a missing or truncated file would fail every actor, after Ray's retries."""
+    for shard in index.shards:
+        url = storage.join(folder, shard.path)
+        fs, path = storage.filesystem(url)
+        size = fs.size(path) if fs.exists(path) else None
+        if size != shard.bytes:
+            found = "is missing" if size is None else f"has {size} bytes, the manifest says {shard.bytes}: truncated"
+            raise ConfigError(f"workdir: index file {url} {found}; re-run `reco index` to rebuild it")
+
+
 def _validate(cfg: RecoConfig, input_dir: str) -> tuple[MemoryManifest, int]:
     """The query split's manifest and the index generation, after checking both."""
     memory = MemoryManifest.read(cfg.path(MEMORY_DIR))
@@ -103,6 +115,7 @@ def _validate(cfg: RecoConfig, input_dir: str) -> tuple[MemoryManifest, int]:
         if index is None:
             raise ConfigError(f"workdir: no {modality} index in {index_folder(cfg.workdir, modality)}; "
                               "run `reco index` first")
+        _check_index_files(index, index_folder(cfg.workdir, modality))
         if index.total_rows != memory.total_rows:
             raise ConfigError(f"workdir: the {modality} index covers {index.total_rows} pairs, the memory "
                               f"holds {memory.total_rows}; run `reco index` to bring it up to date")

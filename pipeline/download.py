@@ -54,6 +54,8 @@ SHARD_DIGITS = 5
 STATS_SUFFIX = "_stats.json"
 MAX_REASONS = 50
 """Failure reasons listed in the manifest; the rest are counted as `other`."""
+PARQUET_MAGIC = b"PAR1"
+"""A Parquet file's first bytes: one given as CSV/TSV would be parsed as garbage columns."""
 WRITE_FAILURE = "failed while writing the sample (see the worker log)"
 
 
@@ -92,18 +94,52 @@ def _input_files(d: DownloadConfig) -> list[str]:
     return files
 
 
-def _columns_and_rows(fs, path: str, d: DownloadConfig) -> tuple[list[str], int]:
+def _columns_and_rows(fs, path: str, d: DownloadConfig) -> tuple[pa.Schema, int]:
+    """The file's columns (with their types) and row count. A CSV's url and caption columns
+    are read whole, as strings, so bytes that are not UTF-8 fail here, not in img2dataset."""
     with fs.open(path, "rb") as f:
         if d.input_format == "parquet":
             pf = pq.ParquetFile(f)
-            return pf.schema_arrow.names, pf.metadata.num_rows
-        parse = pa_csv.ParseOptions(delimiter="\t" if d.input_format == "tsv" else ",")
-        names = pa_csv.open_csv(f, parse_options=parse).schema.names
-        if d.url_col not in names:
-            return names, 0
+            return pf.schema_arrow, pf.metadata.num_rows
+        if f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC:
+            raise ConfigError(f"download.url_list: {path} is a Parquet file, not {d.input_format}; "
+                              "set download.input_format=parquet")
         f.seek(0)
-        only_url = pa_csv.ConvertOptions(include_columns=[d.url_col], column_types={d.url_col: pa.string()})
-        return names, pa_csv.read_csv(f, parse_options=parse, convert_options=only_url).num_rows
+        parse = pa_csv.ParseOptions(delimiter="\t" if d.input_format == "tsv" else ",")
+        schema = pa_csv.open_csv(f, parse_options=parse).schema
+        text_columns = [c for c in (d.url_col, d.caption_col) if c in schema.names]
+        if d.url_col not in schema.names:
+            return schema, 0
+        f.seek(0)
+        as_text = pa_csv.ConvertOptions(include_columns=text_columns,
+                                        column_types={c: pa.string() for c in text_columns})
+        return schema, pa_csv.read_csv(f, parse_options=parse, convert_options=as_text).num_rows
+
+
+def _check_columns(path: str, schema: pa.Schema, d: DownloadConfig) -> None:
+    """Every configured column present; in Parquet, whose columns are typed, url and caption strings
+    (a CSV's columns are all text, however pyarrow would infer them)."""
+    names = schema.names
+    for key, column in (("download.url_col", d.url_col), ("download.caption_col", d.caption_col),
+                        *(("download.save_additional_columns", c) for c in d.save_additional_columns)):
+        if column not in names:
+            raise ConfigError(f"{key}: no column {column!r} in {path} (its columns: {', '.join(names)}); "
+                              f"set {key} to the right column")
+    if d.input_format != "parquet":
+        return
+    for key, column in (("download.url_col", d.url_col), ("download.caption_col", d.caption_col)):
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            raise ConfigError(f"{key}: column {column!r} in {path} holds {kind}, not strings; cast it to "
+                              "string (img2dataset would store str() of each value)")
+
+
+def _unreadable(path: str, d: DownloadConfig, err: Exception) -> ConfigError:
+    if "UTF8" in str(err):
+        return ConfigError(f"download.url_list: {path} is not UTF-8 ({str(err).splitlines()[0]}); "
+                           "re-encode it as UTF-8")
+    return ConfigError(f"download.url_list: {path} is not a readable {d.input_format} file ({err}); "
+                       "set download.input_format to its format")
 
 
 def plan_url_list(d: DownloadConfig) -> UrlListPlan:
@@ -118,16 +154,13 @@ def plan_url_list(d: DownloadConfig) -> UrlListPlan:
     rows = []
     for path in files:
         try:
-            names, n = _columns_and_rows(fs, path, d)
+            schema, n = _columns_and_rows(fs, path, d)
         except (pa.ArrowInvalid, OSError) as err:
-            raise ConfigError(f"download.url_list: {path} is not a readable {d.input_format} file ({err}); "
-                              "set download.input_format to its format") from None
-        for key, column in (("download.url_col", d.url_col), ("download.caption_col", d.caption_col),
-                            *(("download.save_additional_columns", c) for c in d.save_additional_columns)):
-            if column not in names:
-                raise ConfigError(f"{key}: no column {column!r} in {path} (its columns: {', '.join(names)}); "
-                                  f"set {key} to the right column")
+            raise _unreadable(path, d, err) from None
+        _check_columns(path, schema, d)
         rows.append(n)
+    if not sum(rows):
+        raise ConfigError(f"download.url_list: {d.url_list} has no rows; give a list with at least one URL")
     plan = UrlListPlan(d.url_list, [storage.full_url(fs, p) for p in files], rows, d.number_sample_per_shard)
     if len(plan.shard_ids) > 10**SHARD_DIGITS:
         raise ConfigError(f"download.number_sample_per_shard: {sum(rows)} rows make more than "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from reco.errors import ConfigError
 
@@ -255,9 +255,36 @@ class RecoConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_is_a_folder(cls, workdir: str) -> str:
+        """A local workdir (or a folder above it) that is a file would fail at the first
+        write, inside a Ray task; say so now. Object stores have no files-versus-folders."""
+        if "://" in workdir and not workdir.startswith("file://"):
+            return workdir
+        path = Path(workdir.removeprefix("file://"))
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ValueError(f"{existing} is a file, not a folder; set workdir to a folder "
+                             "(it is created if missing)")
+        return workdir
+
     def path(self, *parts: str) -> str:
         """`<workdir>/<parts...>` as a URL or path string."""
         return "/".join([self.workdir.rstrip("/"), *parts])
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """Plain YAML only: the safe loader refuses Python tags (`!!python/...`), so a config can
+    never run code; any YAML error becomes a ConfigError naming the source and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}{where}: not valid config YAML ({problem}); a reco config holds only "
+                          "mappings, lists, strings and numbers (no Python tags)") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -265,7 +292,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. neighbors.k=20")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _parse_yaml(raw, f"override {item!r}") if raw.strip() else ""
     return key.strip().split("."), value
 
 
@@ -320,7 +347,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RecoConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "save it as UTF-8") from None
+    data = _parse_yaml(text, f"config file {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
     return config_from_dict(data, overrides, source=str(path))

@@ -55,6 +55,8 @@ def model_fingerprint(cfg: RecoConfig) -> str:
 
 def _decode(sample: TarSample, preprocess) -> torch.Tensor | str:
     """The preprocessed image tensor, or the reason the sample is skipped."""
+    if sample.unsafe_path:
+        return "unsafe member path"
     if sample.image is None:
         return "missing image"
     if sample.caption is None:
@@ -121,9 +123,9 @@ class ShardEmbedder(ShardActor):
                     if current is not None:
                         yield collect(current)
         except TruncatedShard as err:
-            if err.partial_key is not None:
-                stats.samples += 1
-                stats.skipped.add(err.partial_key, "truncated tar", source)
+            # The sample it cut; or, for a file with no readable member, the shard as one entry.
+            stats.samples += 1
+            stats.skipped.add(err.partial_key or "*", err.reason, source)
             log.warning("%s: %s; kept the %d samples before it", source, err, stats.samples - 1)
         for pending in (ahead, submit(raw) if raw else None):
             if pending is not None:

@@ -1,15 +1,19 @@
 """The frozen CLIP: any open_clip architecture, plus `reco-tiny` for tests and smoke runs.
 
 `model.pretrained` is an open_clip tag (downloaded by open_clip from its hub), a local
-checkpoint file, or an fsspec URL of one (copied to a local cache first). `model.config`
-registers a custom architecture's open_clip JSON under `model.name` before creation.
+checkpoint file, or an fsspec URL of one (copied to a local cache first); a file is
+loaded with `torch.load(weights_only=True)` on the driver before any work, so nothing
+pickled in it runs. `model.config` registers a custom architecture's open_clip JSON
+under `model.name` before creation.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +27,8 @@ from reco.errors import RecoError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CACHE_DIR = Path(os.environ.get("RECO_CACHE", Path.home() / ".cache" / "reco"))
+PICKLE_PROTO = b"\x80"
+"""The first byte of a pickle (protocol 2+): torch.save's legacy, non-zip format."""
 
 
 class ModelLoadError(RecoError, RuntimeError):
@@ -79,6 +85,35 @@ def validate_model_config(cfg: ModelConfig) -> None:
         tags = open_clip.list_pretrained_tags_by_model(cfg.name)
         raise ConfigError(f"model.pretrained: {src!r} is neither a checkpoint file nor a tag of "
                           f"{cfg.name} (tags: {', '.join(tags) or 'none'})")
+    check_checkpoint(src)
+
+
+def check_checkpoint(src: str) -> None:
+    """Load the checkpoint as open_clip will (tensors only, `weights_only=True`) but here, on
+    the driver: a file that is not a checkpoint, or that carries pickled code (refused, never
+    run), is an error naming it before any Ray work, instead of a traceback from every replica."""
+    path = _local_checkpoint(src)
+    if path.endswith(".safetensors"):
+        return  # safetensors holds tensors only; open_clip reads it with safetensors' own loader
+    is_zip = zipfile.is_zipfile(path)
+    with open(path, "rb") as f:
+        is_pickle = f.read(1) == PICKLE_PROTO
+    if not (is_zip or is_pickle):
+        raise ConfigError(f"model.pretrained: {src} is not a PyTorch checkpoint, or is truncated (neither "
+                          "torch.save's zip nor its legacy format); give a file saved with torch.save(state_dict)")
+    try:
+        # mmap (zip format only): tensors are mapped, not read, so a large checkpoint costs little.
+        torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines()]
+        detail = next((line for line in lines if line.startswith(("Trying", "Unsupported"))), lines[0])
+        raise ConfigError(
+            f"model.pretrained: checkpoint {src} holds more than tensors; torch.load(weights_only=True) "
+            f"refused it and ran none of it ({detail}). Save only the weights: "
+            "torch.save(model.state_dict(), path), from code you trust") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ConfigError(f"model.pretrained: {src} is not a readable PyTorch checkpoint "
+                          f"({str(err).splitlines()[0]}); give a file saved with torch.save(state_dict)") from None
 
 
 def embed_dim(cfg: ModelConfig) -> int:

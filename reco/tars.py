@@ -49,17 +49,39 @@ class TarSample:
         return meta if isinstance(meta, dict) else {}
 
     @property
+    def unsafe_path(self) -> bool:
+        """Named outside the shard (absolute, or through `..`): img2dataset never writes such
+        a name, and a tool that extracts the tar would write outside its folder."""
+        return self.key.startswith("/") or ".." in self.key.split("/")
+
+    @property
     def url(self) -> str:
         url = self.meta.get("url")
         return url if isinstance(url, str) else ""
 
 
 class TruncatedShard(Exception):
-    """The tar ended inside a member; `partial_key` is the sample it cut, if any."""
+    """The tar ended inside a member, or is no tar at all; `partial_key` is the sample it
+    cut, if any, and `reason` the skip reason to count."""
 
-    def __init__(self, message: str, partial_key: str | None):
+    def __init__(self, message: str, partial_key: str | None, reason: str = "truncated tar"):
         super().__init__(message)
         self.partial_key = partial_key
+        self.reason = reason
+
+
+def _check_tar_start(f) -> None:
+    """Raise unless the first block is a tar header or end-of-archive zeros. Reading skips
+    corrupt headers (`ignore_zeros`), so a file that is no tar would otherwise yield
+    nothing, silently."""
+    head = f.read(tarfile.BLOCKSIZE)
+    f.seek(0)
+    if not head.strip(b"\0"):
+        return
+    try:
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as err:
+        raise TruncatedShard(f"not a tar file ({err})", None, "not a tar file") from None
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -70,11 +92,17 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def iter_tar_samples(url: str) -> Iterator[TarSample]:
-    """Samples of one shard, in tar order. Raises TruncatedShard after the last whole sample."""
+    """Samples of one shard, in tar order. Raises TruncatedShard after the last whole sample.
+
+    A corrupt member header is skipped block by block to the next good one, so one damaged
+    member costs its own sample (counted by the reader as missing image or caption), not
+    every sample after it.
+    """
     current: TarSample | None = None
     with fsspec.open(url, "rb") as f:
+        _check_tar_start(f)
         try:
-            with tarfile.open(fileobj=f, mode="r|") as tar:
+            with tarfile.open(fileobj=f, mode="r|", ignore_zeros=True) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
