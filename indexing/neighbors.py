@@ -52,7 +52,8 @@ class ShardSearcher(ShardActor):
                  memory: MemoryIndex | None):
         faiss.omp_set_num_threads(max(1, threads))
         self.cfg = RecoConfig.model_validate_json(cfg_json)
-        self.memory = memory or MemoryIndex.open(self.cfg.workdir, use_gpu=bool(ray.get_gpu_ids()))
+        self.memory = (memory if memory is not None
+                       else MemoryIndex.open(self.cfg.workdir, use_gpu=bool(ray.get_gpu_ids())))
         self.is_memory = input_dir.rstrip("/") == self.cfg.path(MEMORY_DIR).rstrip("/")
         self.out_dir, self.fingerprint = out_dir, fingerprint
 
