@@ -9,8 +9,11 @@ as 1, 2 and 4 index shards with `reco index`. Then, for each shard count, the se
 - resident memory: the RSS (psutil) of each shard actor after every memory row was
   fetched once in both modalities and every query searched, next to an idle actor that
   imported the same modules (what a shard actor holds = RSS - idle);
-- search rate: with one shard, `service.search` vs `index.search` of bare faiss on the
-  same index file with the same nprobe and threads, same query batch (medians);
+- search rate: with one shard, `service.search` timed in the driver (end to end) vs
+  `index.search` of bare faiss on the same index file with the same nprobe and threads,
+  same query batch, timed inside a Ray actor on the same node (medians). Ray runs its
+  workers at nice 15: on a busy machine bare faiss in the driver would be favoured by
+  the scheduler, not by the code;
 - neighbours: `reco neighbors` end to end through the service (`index.service=always`),
   every memory pair a query, queries/s.
 The last line gives the ratios: held memory per actor at 2 and 4 shards over 1 shard
@@ -61,6 +64,20 @@ class IdleActor:
         return os.getpid()
 
 
+@ray.remote(num_cpus=0)
+class BareFaiss:
+    """Bare faiss on one index file, in a Ray worker like a shard actor's."""
+
+    def __init__(self, workdir: str, threads: int):
+        self.index = bare_index(workdir)
+        faiss.omp_set_num_threads(threads)
+
+    def seconds(self, queries: np.ndarray, k: int) -> float:
+        start = time.perf_counter()
+        self.index.search(queries, k)
+        return time.perf_counter() - start
+
+
 def actor_pids(service: MemoryIndex) -> list[int]:
     return ray.get([s.__ray_call__.remote(lambda self: os.getpid()) for s in service._servers])
 
@@ -97,13 +114,13 @@ def bare_index(workdir: str) -> faiss.Index:
 
 def search_rates(workdir: str, service: MemoryIndex, queries: np.ndarray, k: int, repeats: int) -> dict:
     """Queries/s of the service and of bare faiss on the same shard, interleaved repeats."""
-    index = bare_index(workdir)
     threads = ray.get(service._servers[0].__ray_call__.remote(lambda self: faiss.omp_get_max_threads()))
-    faiss.omp_set_num_threads(threads)
+    bare = BareFaiss.remote(workdir, threads)
     seconds = {"service": [], "bare": []}
     for _ in range(repeats):
         seconds["service"].append(median_seconds(lambda: service.search(queries, k, "image"), 1))
-        seconds["bare"].append(median_seconds(lambda: index.search(queries, k), 1))
+        seconds["bare"].append(ray.get(bare.seconds.remote(queries, k)))
+    ray.kill(bare)
     return {name: len(queries) / statistics.median(s) for name, s in seconds.items()}
 
 
@@ -126,6 +143,14 @@ def main() -> None:
     parser.add_argument("--no-neighbors", action="store_true", help="skip the neighbours runs")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="reco-bench-service-"))
+    try:
+        run(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    """Build the three indices, measure each service, print the figures and the ratio line."""
     pairs = clustered(args.rows, args.d, seed=1)
     queries = clustered(args.queries, args.d, seed=2)[0]
     init_ray()
@@ -158,7 +183,6 @@ def main() -> None:
     if hood:
         line += f"; neighbours {hood[2] / hood[1]:.2f}x (2 actors), {hood[4] / hood[1]:.2f}x (4 actors) of 1"
     print(line)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
