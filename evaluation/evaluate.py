@@ -6,7 +6,9 @@ For each dataset of `evaluate.datasets`:
 2. embed: its images with the embed stage's own code (`embed_shards`, Ray Data), in
    float32; class prompts or captions with the frozen text tower (a Ray task);
 3. de-duplicate: every memory pair whose image has cosine > `neighbors.dedup_threshold`
-   with a test image is left out of all retrievals (the report counts them);
+   with a test image (the index proposes candidates, their stored image embeddings are
+   judged exactly) is left out of all retrievals, image->image and text->text (the report
+   counts them);
 4. refine: class/caption embeddings by phi_text over the images of their text->text
    neighbours, test images by phi_image over the texts of their image->image neighbours
    (`reco.search.retrieve`); the fusion model trained without retrieval, if
@@ -36,7 +38,7 @@ from reco.depends import stage_depends
 from reco.encode import embed_shards, encode_texts
 from reco.fusion import load_fusion, refine
 from reco.models import embed_dim, validate_model_config
-from reco.search import MemoryIndex, near_duplicate_ids, neighbour_embeddings
+from reco.search import MemoryIndex, memory_service, near_duplicate_ids, neighbour_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +184,10 @@ def evaluate(cfg: RecoConfig) -> dict[str, Any]:
     seconds["embed"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
-    memory = MemoryIndex.open(cfg.workdir, use_gpu=cfg.index.use_gpu)
+    # The memory service where the memory is sharded or the cluster has several nodes. Its
+    # actors also stop when the last handle goes, should an error leave `close` uncalled.
+    memory = (memory_service(cfg.workdir, cfg.index, use_gpu=cfg.index.use_gpu)
+              or MemoryIndex.open(cfg.workdir, use_gpu=cfg.index.use_gpu))
     fusion, meta = load_fusion(fusion_model_dir(cfg.workdir))
     control_dir = fusion_model_dir(cfg.workdir, retrieval=False)
     control = load_fusion(control_dir)[0] if storage.exists(storage.join(control_dir, FUSION_META)) else None
@@ -197,6 +202,7 @@ def evaluate(cfg: RecoConfig) -> dict[str, Any]:
                          "memory_excluded": excluded})
         log.info("%s: %s", ds.name, "; ".join(
             f"{r['metric']} {r['baseline']:.1f} -> {r['reco']:.1f}" for r in rows))
+    memory.close()
     seconds["retrieve_refine_score"] = round(time.perf_counter() - t, 2)
     config = {"model": cfg.model.model_dump(), "memory_pairs": int(memory.ntotal), "k": int(k),
               "dedup_threshold": threshold, "fusion_model": fusion_model_dir(cfg.workdir),

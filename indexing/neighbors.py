@@ -4,9 +4,11 @@ Uni-modal search, cross-modal fusion: a pair's image retrieves its nearest memor
 and keeps their TEXTS (`nn_text`); its caption retrieves its nearest memory texts and
 keeps their IMAGES (`nn_image`). The pair itself (by id) and every memory pair whose
 image nearly copies the query's image are left out of both; identical captions are not
-duplicates. The unit of work is one input shard: a Ray Data actor holding the memory
-searches it and writes one output shard, so a re-run only redoes missing shards; the
-manifest is written last.
+duplicates. The unit of work is one input shard: a Ray Data actor searches it and writes
+one output shard, so a re-run only redoes missing shards; the manifest is written last.
+A sharded memory, or a cluster of several nodes, is searched through the memory service
+(`reco.search.memory_service`: one Ray actor per index shard), started once by the driver
+and passed to every searcher; otherwise each searcher memory-maps the one local shard.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import faiss
 import ray
 
 from reco import storage
-from reco.cluster import init_ray
+from reco.cluster import cluster_gpus, init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import (MANIFEST, MEMORY_DIR, MODALITIES, MemoryManifest, IndexManifest, NeighborsManifest,
                             NeighborsShard, embeddings_to_numpy, index_folder, neighbors_folder, neighbors_schema,
                             neighbors_table)
 from reco.depends import stage_depends
-from reco.search import MemoryIndex, retrieve
+from reco.search import MemoryIndex, memory_service, retrieve
 from reco.shard_jobs import ShardActor, actor_resources, find_finished, run_shard_jobs
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,15 @@ def _fingerprint(cfg: RecoConfig, input_dir: str, index_generation: int) -> str:
 
 
 class ShardSearcher(ShardActor):
-    """A Ray Data actor holding the memory; turns input shards into neighbour shards."""
+    """A Ray Data actor searching the memory (the service's client, or its own in-process
+    copy when `memory` is None); turns input shards into neighbour shards."""
 
-    def __init__(self, cfg_json: str, input_dir: str, out_dir: str, fingerprint: str, threads: int):
+    def __init__(self, cfg_json: str, input_dir: str, out_dir: str, fingerprint: str, threads: int,
+                 memory: MemoryIndex | None):
         faiss.omp_set_num_threads(max(1, threads))
         self.cfg = RecoConfig.model_validate_json(cfg_json)
-        self.memory = MemoryIndex.open(self.cfg.workdir, use_gpu=bool(ray.get_gpu_ids()))
+        self.memory = (memory if memory is not None
+                       else MemoryIndex.open(self.cfg.workdir, use_gpu=bool(ray.get_gpu_ids())))
         self.is_memory = input_dir.rstrip("/") == self.cfg.path(MEMORY_DIR).rstrip("/")
         self.out_dir, self.fingerprint = out_dir, fingerprint
 
@@ -135,6 +140,20 @@ def _validate(cfg: RecoConfig, input_dir: str) -> tuple[MemoryManifest, int]:
     return queries, index.generation
 
 
+def _search_shards(cfg: RecoConfig, todo: list[tuple[str, str]], queries: MemoryManifest,
+                   service: MemoryIndex | None, input_dir: str, out_dir: str, fingerprint: str):
+    """The records of the `todo` shards as the searchers finish them. Beside the service a
+    searcher only filters, gathers and writes: one CPU, no GPU (the shard actors search)."""
+    light = {"cpus_per_actor": 1.0, "gpus_per_actor": 0.0} if service is not None else {}
+    resources = actor_resources(len(todo), num_actors=cfg.neighbors.num_actors, cpus_per_cpu_actor=4, **light)
+    kwargs = {"cfg_json": cfg.model_dump_json(), "input_dir": input_dir, "out_dir": out_dir,
+              "fingerprint": fingerprint, "threads": int(resources.cpus), "memory": service}
+    rows = {s.path: s.rows for s in queries.shards}
+    yield from run_shard_jobs([{"source": s, "path": p} for s, p in todo], ShardSearcher, kwargs, resources,
+                              NeighborsShard, desc="neighbors", unit="query",
+                              total=sum(rows[path] for _, path in todo), size=lambda shard: shard.rows)
+
+
 def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     """`reco neighbors`: write `<workdir>/neighbors/<split>/` for the pairs of
     `neighbors.input` (default the memory), skipping shards already written."""
@@ -150,14 +169,13 @@ def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     if todo:
         storage.remove(storage.join(out_dir, MANIFEST))  # readers must not mix old and new shards
         init_ray()
-        resources = actor_resources(len(todo), num_actors=cfg.neighbors.num_actors, cpus_per_cpu_actor=4)
-        kwargs = {"cfg_json": cfg.model_dump_json(), "input_dir": input_dir, "out_dir": out_dir,
-                  "fingerprint": fingerprint, "threads": int(resources.cpus)}
-        rows = {s.path: s.rows for s in queries.shards}
-        for shard in run_shard_jobs([{"source": s, "path": p} for s, p in todo], ShardSearcher, kwargs,
-                                    resources, NeighborsShard, desc="neighbors", unit="query",
-                                    total=sum(rows[path] for _, path in todo), size=lambda shard: shard.rows):
-            done[shard.path] = shard
+        service = memory_service(cfg.workdir, cfg.index, use_gpu=cluster_gpus() > 0)
+        try:
+            for shard in _search_shards(cfg, todo, queries, service, input_dir, out_dir, fingerprint):
+                done[shard.path] = shard
+        finally:
+            if service is not None:
+                service.close()
     shards = [done[path] for _, path in jobs]
     manifest = NeighborsManifest(
         split=cfg.neighbors.split, input=input_dir, model=queries.model, pretrained=queries.pretrained,

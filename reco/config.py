@@ -118,6 +118,14 @@ class IndexConfig(Section):
     """Warn when the memory has grown past this multiple of the rows the index was trained on."""
     use_gpu: bool = False
     """Train and search on GPUs where faiss-gpu sees them (one GPU per shard actor)."""
+    service: Literal["auto", "always", "never"] = "auto"
+    """How `reco neighbors` and `reco evaluate` hold the memory: `auto` starts the memory
+    service (one Ray actor per index shard, spread over the nodes) when the index has
+    several shards or the Ray cluster several nodes, else searches it in-process; `always`
+    and `never` force one way."""
+    local_dir: str | None = None
+    """Folder on each node's local disk (NVMe) where shard actors copy their index and
+    embedding files to memory-map them; default: Ray's temp folder (`/tmp/ray`)."""
     retrain: bool = False
     """When the memory has new shards: retrain on a fresh sample and rebuild every shard,
     instead of adding the new shards to the trained index."""

@@ -4,10 +4,14 @@
 and loads every index shard, memory-mapped where the index type allows, beside the
 embedding copies of the memory shards it covers (`embeddings/part-*.npy`, row = id -
 id_start). A `ShardServer` holds one index shard of both modalities and answers search
-and fetch for the ids it covers; locally the servers are plain objects, with
-`distributed=True` they are Ray actors spread over the cluster's nodes. Search asks
-every shard for its k best and merges them by score; fetch routes each id to the shard
-that holds it, so gathering costs one memory-mapped row read per id.
+and fetch for the ids it covers. Locally the servers are plain objects in this process.
+With `distributed=True` they are the memory service: one Ray actor per index shard,
+spread over the cluster's nodes, each holding only its shard's files, copied to its
+node's local disk and memory-mapped; they restart after a failure, and the client (a
+`MemoryIndex`, picklable, so other Ray actors can search through it) retries a call
+that an actor's death interrupted. Search scatters each query batch to every shard and
+merges their k best by score; fetch routes each id to the shard that holds it.
+`memory_service` decides, for a stage, whether the memory calls for the service.
 
 On top of it, `retrieve` is RECO's uni-modal search with cross-modal gather, dropping a
 query's own pair and its image near-duplicates, and `near_duplicate_ids` finds the memory
@@ -17,9 +21,13 @@ search through this module.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
+import os
+import tempfile
+import time
 
 import faiss
 import numpy as np
@@ -28,9 +36,12 @@ from autofaiss.indices.index_utils import set_search_hyperparameters
 from fsspec.implementations.local import LocalFileSystem
 
 from reco import storage
+from reco.cluster import cluster_gpus
+from reco.config import IndexConfig
 from reco.contracts import (INDEX_DIR, MANIFEST, MODALITIES, OTHER, CoveredShard, IndexManifest, IndexShard,
                             Modality, index_folder)
 from reco.errors import RecoError
+from reco.shard_jobs import ActorResources
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +103,37 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def copy_to_local(url: str, local: str) -> str:
+    """`local`, a copy of `url` made once: a copy of the same size is reused (restarts, other
+    stages on the same memory). Written under a temporary name then renamed, so a reader
+    never maps a partial copy; streamed, so a large file never passes through RAM."""
+    fs, path = storage.filesystem(url)
+    if not fs.exists(path):
+        raise MemoryIndexError(f"{url} is missing; re-run `reco index`")
+    if os.path.exists(local) and os.path.getsize(local) == fs.size(path):
+        return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(local), prefix=".copy-")
+    os.close(fd)
+    try:
+        fs.get_file(path, tmp)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return local
+
+
 class ShardServer:
-    """One index shard of both modalities, with the embeddings of the memory shards it covers."""
+    """One index shard of both modalities, with the embeddings of the memory shards it covers.
+
+    With `copy_key`, the files are first copied to `<local_dir>/reco-memory/<copy_key>/`
+    on this node's disk (default `local_dir`: Ray's temp folder) and memory-mapped there:
+    the process's memory is its shard, paged in as searched, not the whole memory."""
 
     def __init__(self, workdir: str, shard: dict[str, dict], index_param: dict[str, str],
-                 use_gpu: bool = False, gpu: int = 0, threads: int | None = None):
+                 use_gpu: bool = False, gpu: int = 0, threads: int | None = None,
+                 local_dir: str | None = None, copy_key: str | None = None):
         if threads:
             faiss.omp_set_num_threads(threads)
         self.on_gpu = use_gpu and gpu_available()
@@ -104,10 +141,13 @@ class ShardServer:
         self.index: dict[str, faiss.Index] = {}
         self.starts: dict[str, np.ndarray] = {}
         self.embeddings: dict[str, list[np.ndarray]] = {}
+        if copy_key is not None:
+            local_dir = os.path.join(local_dir or ray.get_runtime_context().get_temp_dir(), "reco-memory", copy_key)
         for modality, spec in shard.items():
             folder = index_folder(workdir, modality)
+            local = None if copy_key is None else os.path.join(local_dir, modality)
             spec = IndexShard.model_validate(spec)
-            index = read_index(storage.join(folder, spec.path), spec.bytes, mmap=not self.on_gpu)
+            index = read_index(self._source(folder, spec.path, local), spec.bytes, mmap=not self.on_gpu)
             if index.ntotal != spec.ntotal:
                 raise MemoryIndexError(f"index file {storage.join(folder, spec.path)} holds {index.ntotal} "
                                   f"vectors, the manifest says {spec.ntotal}; re-run `reco index`")
@@ -118,11 +158,17 @@ class ShardServer:
             self.index[modality] = index
             covered = sorted(spec.memory_shards, key=lambda s: s.id_start)
             self.starts[modality] = np.array([s.id_start for s in covered], dtype=np.int64)
-            self.embeddings[modality] = [self._embeddings(folder, s) for s in covered]
+            self.embeddings[modality] = [self._embeddings(self._source(folder, s.embeddings, local), s)
+                                         for s in covered]
 
     @staticmethod
-    def _embeddings(folder: str, covered: CoveredShard) -> np.ndarray:
-        url = storage.join(folder, covered.embeddings)
+    def _source(folder: str, name: str, local: str | None) -> str:
+        """Where to read `name` of the modality folder: the workdir, or its local copy."""
+        url = storage.join(folder, name)
+        return url if local is None else copy_to_local(url, os.path.join(local, name))
+
+    @staticmethod
+    def _embeddings(url: str, covered: CoveredShard) -> np.ndarray:
         array = load_npy(url)
         if array.shape[0] != covered.rows:
             raise MemoryIndexError(f"embedding file {url} has {array.shape[0]} rows, the manifest says "
@@ -147,8 +193,17 @@ class ShardServer:
         return out
 
 
+SHARD_MAX_RESTARTS = 3
+"""Times Ray restarts a dead shard actor (its calls in flight are retried as often)."""
+CALL_ATTEMPTS = 3
+"""Tries of a service call that an actor's death interrupted, beyond Ray's own retries."""
+
+
 class MemoryIndex:
-    """The searchable memory: sharded image and text indices plus embedding lookup by id."""
+    """The searchable memory: sharded image and text indices plus embedding lookup by id.
+
+    A distributed one (the memory service's client) pickles as its actor handles, so it can
+    be passed to other Ray actors; only the process that opened it stops the service."""
 
     def __init__(self, workdir: str, manifests: dict[str, IndexManifest], servers: list,
                  distributed: bool):
@@ -159,27 +214,31 @@ class MemoryIndex:
         """Memory pairs covered: ids 0..ntotal-1."""
         self.distributed = distributed
         self._servers = servers
+        self._owns_service = distributed
         # Which server holds an id: one entry per memory shard, sorted by id_start.
         covered = [(c.id_start, j) for j, s in enumerate(manifests["image"].shards) for c in s.memory_shards]
         covered.sort()
         self._starts = np.array([c[0] for c in covered], dtype=np.int64)
         self._owner = np.array([c[1] for c in covered], dtype=np.int64)
 
+    def __getstate__(self) -> dict:
+        if not self.distributed:
+            raise TypeError("a MemoryIndex opened in-process holds its shards in this process and cannot be "
+                            "passed to another; open it with distributed=True (the memory service)")
+        return {**self.__dict__, "_owns_service": False}
+
     @classmethod
-    def open(cls, workdir: str, *, use_gpu: bool = False, distributed: bool = False) -> "MemoryIndex":
+    def open(cls, workdir: str, *, use_gpu: bool = False, distributed: bool = False,
+             local_dir: str | None = None) -> "MemoryIndex":
         """Load the indices built by `reco index` under `workdir`."""
-        manifests = {}
-        for modality in MODALITIES:
-            manifest = IndexManifest.read(index_folder(workdir, modality))
-            if manifest is None:
-                raise MemoryIndexError(f"{index_folder(workdir, modality)}/{MANIFEST} is missing: "
-                                  "run `reco index CONFIG` first")
-            manifests[modality] = manifest
-        return cls.from_manifests(workdir, manifests, use_gpu=use_gpu, distributed=distributed)
+        return cls.from_manifests(workdir, read_manifests(workdir), use_gpu=use_gpu, distributed=distributed,
+                                  local_dir=local_dir)
 
     @classmethod
     def from_manifests(cls, workdir: str, manifests: dict[str, IndexManifest], *, use_gpu: bool = False,
-                       distributed: bool = False) -> "MemoryIndex":
+                       distributed: bool = False, local_dir: str | None = None) -> "MemoryIndex":
+        """In this process, or (`distributed`) as the memory service, whose actors copy their
+        files to `local_dir` on their node (default: Ray's temp folder)."""
         image, text = manifests["image"], manifests["text"]
         layout = [[c.path for c in s.memory_shards] for s in image.shards]
         if image.generation != text.generation or layout != [[c.path for c in s.memory_shards] for s in text.shards]:
@@ -189,7 +248,9 @@ class MemoryIndex:
         params = {m: manifests[m].index_param for m in MODALITIES}
         specs = [{m: manifests[m].shards[j].model_dump() for m in MODALITIES} for j in range(len(image.shards))]
         if distributed:
-            servers = _start_actors(workdir, specs, params, use_gpu)
+            # A generation's files never change: one local copy per workdir and generation.
+            copy_key = f"{hashlib.sha1(workdir.encode()).hexdigest()[:12]}-g{image.generation:05d}"
+            servers = _start_actors(workdir, specs, params, use_gpu, local_dir, copy_key)
         else:
             if use_gpu and not gpu_available():
                 log.warning("use_gpu: faiss has no GPU support or sees no GPU here; searching on CPU")
@@ -199,9 +260,21 @@ class MemoryIndex:
 
     def _call(self, method: str, calls: list[tuple[int, tuple]]) -> list:
         """Call `method` on the given servers (in parallel when they are actors)."""
-        if self.distributed:
-            return ray.get([getattr(self._servers[j], method).remote(*args) for j, args in calls])
-        return [getattr(self._servers[j], method)(*args) for j, args in calls]
+        if not self.distributed:
+            return [getattr(self._servers[j], method)(*args) for j, args in calls]
+        attempt = 1
+        while True:
+            try:
+                return ray.get([getattr(self._servers[j], method).remote(*args) for j, args in calls])
+            except ray.exceptions.RayActorError as err:
+                # Ray restarts the actor and retries calls in flight; this covers a death
+                # that outlasted those retries (a restart still loading its shard).
+                if attempt == CALL_ATTEMPTS:
+                    raise MemoryIndexError(f"a memory shard actor of {self.workdir} died and did not come back "
+                                           f"({type(err).__name__}); check the Ray logs of its node") from err
+                log.warning("memory shard actor died during %s (%s); retrying", method, type(err).__name__)
+                time.sleep(2 ** attempt)
+                attempt += 1
 
     def _check(self, modality: str) -> None:
         if modality not in MODALITIES:
@@ -213,7 +286,9 @@ class MemoryIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.d:
             raise ValueError(f"queries must have shape (n, {self.d}), got {queries.shape}")
-        results = self._call("search", [(j, (queries, k, modality)) for j in range(len(self._servers))])
+        # One copy in the object store for every shard, not one per call.
+        batch = ray.put(queries) if self.distributed else queries
+        results = self._call("search", [(j, (batch, k, modality)) for j in range(len(self._servers))])
         return merge_results([r[0] for r in results], [r[1] for r in results], k)
 
     def fetch(self, ids: np.ndarray, modality: Modality) -> np.ndarray:
@@ -233,11 +308,40 @@ class MemoryIndex:
         return out.reshape(*ids.shape, self.d)
 
     def close(self) -> None:
-        """Release the shard actors (distributed) or the memory maps."""
-        if self.distributed:
+        """Stop the service (in the process that started it) or release the memory maps."""
+        if self._owns_service:
             for server in self._servers:
                 ray.kill(server)
         self._servers = []
+
+
+def read_manifests(workdir: str) -> dict[str, IndexManifest]:
+    """Both modalities' index manifests; an error saying to run `reco index` when one is missing."""
+    manifests = {}
+    for modality in MODALITIES:
+        manifest = IndexManifest.read(index_folder(workdir, modality))
+        if manifest is None:
+            raise MemoryIndexError(f"{index_folder(workdir, modality)}/{MANIFEST} is missing: "
+                                   "run `reco index CONFIG` first")
+        manifests[modality] = manifest
+    return manifests
+
+
+def memory_service(workdir: str, index: IndexConfig, *, use_gpu: bool) -> MemoryIndex | None:
+    """The memory service for a stage, or None where the stage should search in-process.
+
+    `index.service: auto` starts it when the index has several shards or the Ray cluster
+    several alive nodes: then no stage process loads the whole memory. With one shard on one
+    node, memory-mapping it in-process is as cheap and saves a hop."""
+    manifests = read_manifests(workdir)
+    if index.service == "never":
+        return None
+    if index.service == "auto":
+        nodes = sum(n["Alive"] for n in ray.nodes()) if ray.is_initialized() else 1
+        if len(manifests["image"].shards) == 1 and nodes == 1:
+            return None
+    return MemoryIndex.from_manifests(workdir, manifests, use_gpu=use_gpu, distributed=True,
+                                      local_dir=index.local_dir)
 
 
 def merge_results(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,16 +359,34 @@ def merge_results(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tu
     return s, i
 
 
-def _start_actors(workdir: str, specs: list[dict], params: dict[str, str], use_gpu: bool) -> list:
-    """One actor per index shard, spread over the nodes; one GPU each when asked."""
-    # Each node's CPUs shared by the actors it will hold, so that every actor fits.
+def service_resources(shards: int, use_gpu: bool) -> tuple[ActorResources, int]:
+    """What each shard actor reserves, and the faiss threads it runs.
+
+    GPUs as `reco.shard_jobs` gives them: one per actor where asked and the cluster has
+    them (a share of one where shards outnumber GPUs). CPUs: half of the smallest node's,
+    shared by the shards that node will hold under SPREAD, so the stage's own actors still
+    fit beside the service. A reservation only places the actor: it searches with as many
+    threads as its node has CPUs per shard it holds.
+    """
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-    cpus = max(min(nodes) / math.ceil(len(specs) / len(nodes)), 0.01)
-    gpus = 1 if use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    per_node = math.ceil(shards / len(nodes))
+    gpus = cluster_gpus() if use_gpu else 0
     if use_gpu and not gpus:
         log.warning("use_gpu: the Ray cluster has no GPUs; shard actors search on CPU")
-    actor = ray.remote(ShardServer).options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="SPREAD")
-    servers = [actor.remote(workdir, spec, params, bool(gpus), 0, max(int(cpus), 1)) for spec in specs]
+    resources = ActorResources(actors=shards, cpus=max(min(nodes) / 2 / per_node, 0.01),
+                               gpus=min(1.0, gpus / shards) if gpus else 0.0)
+    return resources, max(int(min(nodes) // per_node), 1)
+
+
+def _start_actors(workdir: str, specs: list[dict], params: dict[str, str], use_gpu: bool,
+                  local_dir: str | None, copy_key: str) -> list:
+    """One actor per index shard, spread over the nodes, restarted after a failure."""
+    resources, threads = service_resources(len(specs), use_gpu)
+    actor = ray.remote(ShardServer).options(num_cpus=resources.cpus, num_gpus=resources.gpus,
+                                            scheduling_strategy="SPREAD", max_restarts=SHARD_MAX_RESTARTS,
+                                            max_task_retries=SHARD_MAX_RESTARTS)
+    servers = [actor.remote(workdir, spec, params, bool(resources.gpus), 0, threads, local_dir, copy_key)
+               for spec in specs]
     # Fail here, naming the bad file, rather than at the first search.
     ray.get([s.__ray_ready__.remote() for s in servers])
     return servers
@@ -321,23 +443,39 @@ def retrieve(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: in
     return out, memory.fetch(out, OTHER[modality])
 
 
+NEAR_DUPLICATE_BATCH = 1024
+"""Test images judged at once: bounds the (batch, k, d) block of candidates' embeddings."""
+
+
 def near_duplicate_ids(memory: MemoryIndex, images: np.ndarray, threshold: float, k: int = 16) -> np.ndarray:
     """Sorted unique memory ids whose image has cosine > threshold with any of `images`.
 
-    A test image can have more near-copies than k: rows whose k-th hit is still above the
-    threshold are searched again with k four times larger.
+    The index proposes candidates; each is judged on its stored image embedding (exact
+    cosine), as `retrieve` judges duplicates, not on the index's score, which a compressed
+    (PQ) index only approximates.
     """
+    images = np.ascontiguousarray(images, np.float32)
+    found = [np.zeros(0, np.int64)]
+    for start in range(0, len(images), NEAR_DUPLICATE_BATCH):
+        found.append(_near_duplicates(memory, images[start:start + NEAR_DUPLICATE_BATCH], threshold, k))
+    return np.unique(np.concatenate(found))
+
+
+def _near_duplicates(memory: MemoryIndex, images: np.ndarray, threshold: float, k: int) -> np.ndarray:
+    """A test image can have more near-copies than k: rows whose k-th candidate is still
+    above the threshold (exactly or by the index) are searched again with k four times larger."""
     found = [np.zeros(0, np.int64)]
     rows = np.arange(len(images))
     while rows.size:
         k = min(k, memory.ntotal)
-        scores, ids = memory.search(np.ascontiguousarray(images[rows], np.float32), k, "image")
-        hit = (scores > threshold) & (ids >= 0)
+        scores, ids = memory.search(images[rows], k, "image")
+        cosine = np.einsum("nd,nkd->nk", images[rows], memory.fetch(ids, "image"))
+        hit = (cosine > threshold) & (ids >= 0)
         found.append(ids[hit])
         if k >= memory.ntotal:
             break
-        rows, k = rows[hit[:, -1]], k * 4
-    return np.unique(np.concatenate(found))
+        rows, k = rows[hit[:, -1] | (scores[:, -1] > threshold)], k * 4
+    return np.concatenate(found)
 
 
 def neighbour_embeddings(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: int,

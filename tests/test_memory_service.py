@@ -1,0 +1,190 @@
+"""The memory service (one Ray actor per index shard) on a three-node cluster: it answers as the
+in-process search does, holds one shard per actor, survives a killed actor during `reco
+neighbors`, and judges evaluation near-duplicates exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from ray._private import state
+
+from indexing.build import build_index
+from indexing.neighbors import neighbors
+from reco.config import IndexConfig
+from reco.demo.synthetic import clustered_embeddings
+from reco.search import MemoryIndex, memory_service, near_duplicate_ids
+from tests.conftest import make_config, start_local_ray, write_memory
+
+D, N, SHARD_ROWS, NODES = 32, 3000, 500, 3
+pytestmark = pytest.mark.timeout(900)
+
+
+def f16(x: np.ndarray) -> np.ndarray:
+    """The values the memory stores (float16)."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Three Ray nodes on this machine, shared by the module; the session's Ray comes back after."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    for _ in range(NODES - 1):
+        nodes.add_node(num_cpus=2)
+    try:
+        ray.init(address=nodes.address, log_to_driver=False)
+        nodes.wait_for_nodes()
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+        start_local_ray()
+
+
+@pytest.fixture(scope="module")
+def pairs() -> tuple[np.ndarray, np.ndarray]:
+    return clustered_embeddings(N, D, 21)
+
+
+@pytest.fixture(scope="module")
+def workdirs(cluster, pairs, tmp_path_factory) -> dict[int, Path]:
+    """The same memory indexed as 1, 2 and 4 index shards (IVF, so search is approximate)."""
+    out = {}
+    for shards in (1, 2, 4):
+        path = tmp_path_factory.mktemp(f"shards{shards}")
+        write_memory(path, *pairs, shard_rows=SHARD_ROWS)
+        build_index(make_config(path, index={"key": "IVF16,Flat", "index_param": "nprobe=4", "shards": shards}))
+        out[shards] = path
+    return out
+
+
+def shard_actor_calls(service: MemoryIndex, fn) -> list:
+    return ray.get([s.__ray_call__.remote(fn) for s in service._servers])
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_service_answers_as_local_search(workdirs, pairs, shards, tmp_path):
+    workdir = str(workdirs[shards])
+    queries = clustered_embeddings(64, D, 22)[0]
+    local = MemoryIndex.open(workdir)
+    service = MemoryIndex.open(workdir, distributed=True, local_dir=str(tmp_path))
+    try:
+        for modality in ("image", "text"):
+            want_scores, want_ids = local.search(queries, 10, modality)
+            scores, ids = service.search(queries, 10, modality)
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_array_equal(scores, want_scores)
+        # Fetch routes every id to its shard and returns the memory's rows; -1 gives zeros.
+        ids = np.array([[0, N - 1, -1], [SHARD_ROWS, 2 * SHARD_ROWS - 1, 1234]])
+        got = service.fetch(ids, "text")
+        np.testing.assert_array_equal(got[:, :2], f16(pairs[1])[ids[:, :2]])
+        np.testing.assert_array_equal(got[1, 2], f16(pairs[1])[1234])
+        assert not got[0, 2].any()
+        np.testing.assert_array_equal(service.fetch(ids, "image"), local.fetch(ids, "image"))
+        # One shard per actor, spread over the nodes, read from copies on the local disk.
+        held = shard_actor_calls(service, lambda self: (self.index["image"].ntotal, self.index["text"].ntotal))
+        assert held == [(s.ntotal, s.ntotal) for s in service.manifests["text"].shards]
+        nodes = shard_actor_calls(service, lambda self: ray.get_runtime_context().get_node_id())
+        assert len(set(nodes)) == min(shards, NODES)
+        copies = sorted(p.name for p in tmp_path.glob("reco-memory/*/image/shard-*.index"))
+        assert copies == sorted(s.path for s in service.manifests["image"].shards)
+        assert len(list(tmp_path.glob("reco-memory/*/text/embeddings/part-*.npy"))) == N // SHARD_ROWS
+    finally:
+        service.close()
+
+
+def test_service_is_chosen_on_several_nodes_unless_told_never(workdirs):
+    service = memory_service(str(workdirs[1]), IndexConfig(), use_gpu=False)
+    try:
+        assert service is not None and service.distributed and len(service._servers) == 1
+    finally:
+        service.close()
+    assert memory_service(str(workdirs[1]), IndexConfig(service="never"), use_gpu=False) is None
+
+
+def _shard_actors() -> dict[str, dict]:
+    """Actor id -> the GCS's record (pid, state, restarts) of every shard actor. Read from the
+    GCS: the state API (ray.util.state) needs the dashboard, which the test cluster leaves off."""
+    return {a: info for a, info in state.actors().items() if info["ActorClassName"] == "ShardServer"}
+
+
+def _alive_shard_actors() -> list[dict]:
+    return [info for info in _shard_actors().values() if info["State"] == "ALIVE"]
+
+
+def _kill_a_shard_actor_when_a_shard_is_written(out: Path, killed: dict) -> None:
+    """SIGKILL one shard actor's process once the first neighbour shard is on disk."""
+    deadline = time.monotonic() + 300
+    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim = _alive_shard_actors()[0]
+    killed.update(actor_id=victim["ActorID"], written=len(list(out.glob("part-*.parquet"))),
+                  finished=(out / "_manifest.json").exists())
+    os.kill(victim["Pid"], signal.SIGKILL)
+
+
+def test_killed_shard_actor_during_neighbors_is_restarted(workdirs):
+    workdir = workdirs[2]
+    cfg = make_config(workdir, neighbors={"k": 5, "batch_size": 25, "num_actors": 1, "split": "clean"})
+    clean = neighbors(cfg)
+    deadline = time.monotonic() + 60  # the first run's service is stopping
+    while _alive_shard_actors() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed: dict = {}
+    out = workdir / "neighbors" / "killed"
+    killer = threading.Thread(target=_kill_a_shard_actor_when_a_shard_is_written, args=(out, killed))
+    killer.start()
+    manifest = neighbors(cfg.model_copy(update={"neighbors": cfg.neighbors.model_copy(update={"split": "killed"})}))
+    killer.join()
+    assert not killed["finished"] and killed["written"] < len(clean.shards), "the kill came too late"
+    assert _shard_actors()[killed["actor_id"]]["NumRestarts"] >= 1
+    assert manifest.total_rows == clean.total_rows == N and manifest.short == clean.short
+    for shard in clean.shards:
+        want = pq.read_table(workdir / "neighbors" / "clean" / shard.path).replace_schema_metadata(None)
+        got = pq.read_table(out / shard.path).replace_schema_metadata(None)
+        assert got.equals(want), shard.path
+
+
+def _planted(tests: np.ndarray, cosines: list[float], rng: np.random.Generator) -> np.ndarray:
+    """For each test image, one vector per cosine, at exactly that cosine to it."""
+    out = []
+    for t in tests:
+        for c in cosines:
+            u = rng.standard_normal(D)
+            u -= (u @ t) * t
+            out.append(c * t + np.sqrt(1 - c * c) * u / np.linalg.norm(u))
+    return np.array(out, dtype=np.float32)
+
+
+def test_near_duplicates_are_judged_on_stored_embeddings(cluster, pairs, tmp_path):
+    """With a PQ index the scores are approximate: the near-duplicates of test images must be
+    exactly those whose stored image has cosine above the threshold, found through the service."""
+    rng = np.random.default_rng(5)
+    tests = rng.standard_normal((6, D)).astype(np.float32)
+    tests /= np.linalg.norm(tests, axis=1, keepdims=True)
+    image, text = pairs[0].copy(), pairs[1]
+    planted = _planted(tests, [0.99, 0.975, 0.96, 0.945, 0.935, 0.92], rng)
+    image[100:100 + len(planted)] = planted
+    write_memory(tmp_path, image, text, shard_rows=SHARD_ROWS)
+    build_index(make_config(tmp_path, index={"key": "Pad32,IVF4_HNSW8,PQ8", "index_param": "nprobe=4", "shards": 2}))
+    cosine = tests @ f16(image).T
+    want = np.flatnonzero((cosine > 0.95).any(axis=0))
+    assert len(want) == 6 * 3
+    service = MemoryIndex.open(str(tmp_path), distributed=True, local_dir=str(tmp_path / "local"))
+    try:
+        scores, ids = service.search(tests, 16, "image")
+        by_index = np.unique(ids[scores > 0.95])
+        assert not np.array_equal(by_index, want), "PQ scores happen to be exact: the test proves nothing"
+        np.testing.assert_array_equal(near_duplicate_ids(service, tests, 0.95), want)
+    finally:
+        service.close()
