@@ -154,11 +154,12 @@ def evaluate_set(ds: EvalSet, emb: Embedded, memory: MemoryIndex, fusion, contro
                  threshold: float) -> tuple[list[dict[str, Any]], int]:
     """(result rows, memory pairs excluded as near-duplicates of this set's images)."""
     exclude = near_duplicate_ids(memory, emb.images, threshold)
-    nn_text = neighbour_embeddings(memory, emb.images, "image", k, exclude, threshold)
-    nn_image = neighbour_embeddings(memory, emb.texts, "text", k, exclude, threshold)
+    how = dict(search=fusion.search, fuse=fusion.fuse)
+    image_ids, image_tokens = neighbour_embeddings(memory, emb.images, "image", k, exclude, threshold, **how)
+    text_ids, text_tokens = neighbour_embeddings(memory, emb.texts, "text", k, exclude, threshold, **how)
     scores = {"baseline": _score(ds, emb, emb.images, emb.texts),
-              "reco": _score(ds, emb, refine(fusion.image, emb.images, nn_text),
-                             refine(fusion.text, emb.texts, nn_image))}
+              "reco": _score(ds, emb, refine(fusion.image, emb.images, image_tokens, image_ids),
+                             refine(fusion.text, emb.texts, text_tokens, text_ids))}
     if control is not None:
         scores["no_retrieval"] = _score(ds, emb, refine(control.image, emb.images, None),
                                         refine(control.text, emb.texts, None))

@@ -27,8 +27,10 @@ from reco import storage
 from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import (FUSION_META, TRAIN_DIR, NeighborsManifest, fusion_model_dir, fusion_model_name,
-                            neighbors_folder)
-from training.loop import CHECKPOINT_META, NonFiniteLossError, Plan, check_fingerprint, train_loop_per_worker
+                            neighbors_folder, token_columns)
+from reco.fusion import RecoFusion, save_fusion
+from training.loop import (CHECKPOINT_META, NonFiniteLossError, Plan, check_fingerprint, fusion_meta,
+                           train_loop_per_worker)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,12 @@ def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
     if t.retrieval and manifest.k != cfg.neighbors.k:
         raise ConfigError(f"neighbors.k: the split {t.split} was built with k={manifest.k}, the config "
                           f"says {cfg.neighbors.k}; set neighbors.k={manifest.k} or re-run `reco neighbors`")
+    if t.fuse == "uni" and t.retrieval and not manifest.uni:
+        raise ConfigError(f"train.fuse: uni fuses the neighbours' same-modality embeddings, which the split "
+                          f"{t.split} lacks; re-run `reco neighbors` with train.fuse=uni")
+    if t.fuse == "mean" and not t.retrieval:
+        raise ConfigError("train.fuse: mean averages the retrieved embeddings; with train.retrieval=false "
+                          "there are none (use train.fuse=cross for the no-retrieval control)")
     if manifest.d % t.heads:
         raise ConfigError(f"train.heads: the embedding width {manifest.d} is not divisible by {t.heads}")
     if t.batch_size % t.num_workers:
@@ -90,7 +98,7 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
     steps_per_epoch = (manifest.total_rows // t.num_workers) // (t.batch_size // t.num_workers)
     identity = {"split": t.split, "model": manifest.model, "pretrained": manifest.pretrained,
                 "d": manifest.d, "k": k, "rows": manifest.total_rows,
-                "dedup_threshold": manifest.dedup_threshold}
+                "dedup_threshold": manifest.dedup_threshold, "search": manifest.search}
     fingerprint = {**identity, "seed": cfg.seed,
                    **{key: v for key, v in t.model_dump(mode="json").items() if key not in RUNTIME_KEYS}}
     return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
@@ -148,7 +156,7 @@ def run_config(cfg: RecoConfig) -> RunConfig:
 
 def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
     t = cfg.train
-    columns = ["id", "image_embedding", "text_embedding"] + (["nn_text", "nn_image"] if plan.k else [])
+    columns = ["id", "image_embedding", "text_embedding"] + (list(token_columns(t.fuse)) if plan.k else [])
     dataset = ray.data.read_parquet(urls).select_columns(columns)
     # The workers log their steps; Ray Data's bars, redrawn every epoch by the split
     # coordinator, would bury them.
@@ -173,6 +181,10 @@ def train(cfg: RecoConfig) -> dict:
     if done is not None:
         log.info("%s is already trained (%d steps)", plan.model_dir, done["steps"])
         return done
+    if cfg.train.fuse == "mean":  # the parameter-free reference: nothing to train
+        save_fusion(RecoFusion(plan.d, cfg.train.heads, cfg.train.mlp_ratio, "mean"),
+                    fusion_meta(cfg, plan, 0, {}, []), plan.model_dir)
+        return storage.read_json(storage.join(plan.model_dir, FUSION_META))
     latest = latest_checkpoint(plan)
     if latest is not None:  # one from other settings fails here, early
         check_fingerprint(latest[1], plan.fingerprint, latest[0])
