@@ -71,6 +71,7 @@ def check_evaluate(cfg: RecoConfig) -> None:
     if d != embed_dim(cfg.model):
         raise ConfigError(f"model: the fusion model at {fusion_model_dir(cfg.workdir)} has width {d}, "
                           f"{cfg.model.name} embeds in {embed_dim(cfg.model)}")
+    check_control(cfg.workdir)
     memory = MemoryManifest.read(cfg.path(MEMORY_DIR))
     if memory is None:
         raise ConfigError(f"workdir: no finished memory at {cfg.path(MEMORY_DIR)}; run `reco embed` first")
@@ -81,6 +82,28 @@ def check_evaluate(cfg: RecoConfig) -> None:
         url = storage.join(index_folder(cfg.workdir, modality), MANIFEST)
         if not storage.exists(url):
             raise ConfigError(f"workdir: no finished index ({url} missing); run `reco index` first")
+
+
+CONTROL_MAY_DIFFER = {"k", "retrieval", "fuse", "search"}
+"""Training-fingerprint keys in which the no-retrieval control differs from RECO by design:
+it sees no neighbours, so how they would be searched and fused does not reach it."""
+
+
+def check_control(workdir: str) -> None:
+    """The `no_retrieval` column is only a control for a RECO model trained on the same split
+    with the same config; another one beside it would compare two different runs."""
+    control_meta = storage.join(fusion_model_dir(workdir, retrieval=False), FUSION_META)
+    if not storage.exists(control_meta):
+        return
+    ours, theirs = ({k: v for k, v in storage.read_json(url).get("fingerprint", {}).items()
+                     if k not in CONTROL_MAY_DIFFER}
+                    for url in (storage.join(fusion_model_dir(workdir), FUSION_META), control_meta))
+    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if diff:
+        differ = ", ".join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} for RECO" for k in diff)
+        raise ConfigError(f"workdir: the no-retrieval model at {fusion_model_dir(workdir, retrieval=False)} was "
+                          f"trained with other settings than the RECO model ({differ}); retrain it with "
+                          "train.retrieval=false and the RECO model's config, or delete it")
 
 
 # -- embedding -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The paper's ablations as config, on the training side: what each `train.fuse` feeds the
 fusion modules, the parameter-free mean, and the keys' place in the fingerprints. (The
 search side, `neighbors.search` and the shards' extra columns, is in test_neighbors.py.)
-None of these start Ray."""
+And evaluate's refusal of a no-retrieval control from another run. None of these start Ray."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from reco.config import ConfigError, RecoConfig
-from reco.contracts import NeighborsManifest, neighbors_table
+from evaluation.evaluate import check_control
+from reco.contracts import NeighborsManifest, fusion_model_dir, neighbors_table
 from reco.demo import neighbour_splits as synthetic
-from reco.fusion import load_fusion, refine
+from reco.fusion import RecoFusion, load_fusion, refine, save_fusion
 from tests.conftest import make_config
 from training.loop import batch_tensors
 from training.train import make_plan, train
@@ -85,3 +86,20 @@ def test_search_and_fuse_enter_the_training_fingerprint(tmp_path):
     uni = make_plan(config(tmp_path, fuse="uni"), manifest)
     cross = make_plan(config(tmp_path), manifest.model_copy(update={"search": "cross"}))
     assert len({str(p.fingerprint) for p in (plain, uni, cross)}) == 3
+
+
+def test_evaluate_refuses_a_control_from_another_run(tmp_path):
+    """The no-retrieval column may differ from RECO in k, retrieval, fuse and search only."""
+    fingerprint = {"split": "train", "k": K, "search": "uni", "rows": ROWS, "lr": 1e-3, "fuse": "cross",
+                   "retrieval": True}
+    base = {"d": D, "heads": 8, "mlp_ratio": 4.0}
+    save_fusion(RecoFusion(D), {**base, "fingerprint": fingerprint}, fusion_model_dir(str(tmp_path)))
+    control = {**fingerprint, "k": 0, "retrieval": False, "search": "cross", "fuse": "uni"}
+    control_dir = fusion_model_dir(str(tmp_path), retrieval=False)
+    save_fusion(RecoFusion(D), {**base, "fingerprint": control}, control_dir)
+    check_control(str(tmp_path))
+    for other in ({"split": "other"}, {"lr": 1e-2}):
+        save_fusion(RecoFusion(D), {**base, "fingerprint": {**control, **other}}, control_dir)
+        key, value = next(iter(other.items()))
+        with pytest.raises(ConfigError, match=f"{key}={value!r} there"):
+            check_control(str(tmp_path))
