@@ -103,3 +103,4 @@ def test_evaluate_refuses_a_control_from_another_run(tmp_path):
         key, value = next(iter(other.items()))
         with pytest.raises(ConfigError, match=f"{key}={value!r} there"):
             check_control(str(tmp_path))
+
