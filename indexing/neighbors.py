@@ -158,7 +158,8 @@ def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     manifest = NeighborsManifest(
         split=cfg.neighbors.split, input=input_dir, model=queries.model, pretrained=queries.pretrained,
         d=queries.d, k=cfg.neighbors.k, dtype=queries.dtype, dedup_threshold=cfg.neighbors.dedup_threshold,
-        search=cfg.neighbors.search, uni=writes_uni(cfg), shards=shards, total_rows=sum(s.rows for s in shards), short=sum(s.short for s in shards))
+        search=cfg.neighbors.search, uni=writes_uni(cfg), shards=shards, total_rows=sum(s.rows for s in shards),
+        short=sum(s.short for s in shards))
     if manifest == NeighborsManifest.read(out_dir):
         log.info("%s is up to date (%d queries)", out_dir, manifest.total_rows)
         return manifest

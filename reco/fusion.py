@@ -76,8 +76,8 @@ class RecoFusion(nn.Module):
 
     def forward(self, image: Tensor, image_tokens: Tensor, text: Tensor, text_tokens: Tensor,
                 image_missing: Tensor | None = None, text_missing: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(v', t'): images fused with the tokens of their neighbours (`fused_modality`),
-        texts with theirs (`reco.search.fused_modality`); `*_missing` (n, k) marks padded slots."""
+        """(v', t'): images and texts each fused with the tokens of their neighbours (which
+        modality: `reco.search.fused_modality`); `*_missing` (n, k) marks padded slots."""
         return self.image(image, image_tokens, image_missing), self.text(text, text_tokens, text_missing)
 
 

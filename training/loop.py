@@ -264,7 +264,6 @@ class Trainer:
 
     def finish(self, metrics: dict) -> None:
         self.writer.close()
-        t = self.cfg.train
         save_fusion(self.model, fusion_meta(self.cfg, self.plan, self.step, metrics, self.resumed_from),
                     self.plan.model_dir)
 

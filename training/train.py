@@ -7,7 +7,8 @@ neighbour shards with Ray Data; gradients are all-reduced by DDP. Every
 (up to `train.max_failures` times), and a re-run of a killed driver resumes there too,
 at the same step, optimizer state and data position. The final weights and the config
 that made them go to `<workdir>/train/model/` (`model-noretrieval/` for the control
-trained with `train.retrieval=false`); TensorBoard logs to `train/logs/`.
+trained with `train.retrieval=false`); TensorBoard logs to `train/logs/`. The ablation
+`train.fuse=mean` has nothing to train: its model is written at once.
 """
 
 from __future__ import annotations
