@@ -246,6 +246,13 @@ def _imagefolder_records(spec: EvalDataset, classnames: list[str], table: dict
             yield key, data, classnames[label], label
 
 
+def clean_classname(name: str) -> str:
+    """A class name as a prompt should read it, as CLIP's own class lists are written: some
+    clip_benchmark sets (`vtab/cub`, from TFDS) name classes by their folder, e.g.
+    `001.Black_footed_Albatross` -> `Black footed Albatross`. Clean names pass unchanged."""
+    return " ".join(re.sub(r"^\s*\d+\.", "", name).replace("_", " ").split())
+
+
 def _clip_benchmark_dataset(cfg: RecoConfig, spec: EvalDataset):
     from clip_benchmark.datasets.builder import build_dataset
 
@@ -323,7 +330,7 @@ def _materialise(cfg: RecoConfig, spec: EvalDataset, out: str) -> None:
         _scan_webdataset(spec, shards, classnames, table)
     else:
         ds = _clip_benchmark_dataset(cfg, spec)
-        classnames = _explicit_classnames(spec) or list(getattr(ds, "classes", None) or [])
+        classnames = _explicit_classnames(spec) or [clean_classname(c) for c in getattr(ds, "classes", None) or []]
         templates = templates if templates is not None else list(getattr(ds, "templates", []))
         shards = _write_shards(_clip_benchmark_records(ds, spec, classnames, table), shard_dir)
     if spec.task == "classification" and not classnames:

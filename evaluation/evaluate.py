@@ -74,6 +74,7 @@ def check_evaluate(cfg: RecoConfig) -> None:
     if d != embed_dim(cfg.model):
         raise ConfigError(f"model: the fusion model at {fusion_model_dir(cfg.workdir)} has width {d}, "
                           f"{cfg.model.name} embeds in {embed_dim(cfg.model)}")
+    check_control(cfg.workdir)
     memory = MemoryManifest.read(cfg.path(MEMORY_DIR))
     if memory is None:
         raise ConfigError(f"workdir: no finished memory at {cfg.path(MEMORY_DIR)}; run `reco embed` first")
@@ -84,6 +85,28 @@ def check_evaluate(cfg: RecoConfig) -> None:
         url = storage.join(index_folder(cfg.workdir, modality), MANIFEST)
         if not storage.exists(url):
             raise ConfigError(f"workdir: no finished index ({url} missing); run `reco index` first")
+
+
+CONTROL_MAY_DIFFER = {"k", "retrieval", "fuse", "search"}
+"""Training-fingerprint keys in which the no-retrieval control differs from RECO by design:
+it sees no neighbours, so how they would be searched and fused does not reach it."""
+
+
+def check_control(workdir: str) -> None:
+    """The `no_retrieval` column is only a control for a RECO model trained on the same split
+    with the same config; another one beside it would compare two different runs."""
+    control_meta = storage.join(fusion_model_dir(workdir, retrieval=False), FUSION_META)
+    if not storage.exists(control_meta):
+        return
+    ours, theirs = ({k: v for k, v in storage.read_json(url).get("fingerprint", {}).items()
+                     if k not in CONTROL_MAY_DIFFER}
+                    for url in (storage.join(fusion_model_dir(workdir), FUSION_META), control_meta))
+    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if diff:
+        differ = ", ".join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} for RECO" for k in diff)
+        raise ConfigError(f"workdir: the no-retrieval model at {fusion_model_dir(workdir, retrieval=False)} was "
+                          f"trained with other settings than the RECO model ({differ}); retrain it with "
+                          "train.retrieval=false and the RECO model's config, or delete it")
 
 
 # -- embedding -----------------------------------------------------------------------------
@@ -157,11 +180,12 @@ def evaluate_set(ds: EvalSet, emb: Embedded, memory: MemoryIndex, fusion, contro
                  threshold: float) -> tuple[list[dict[str, Any]], int]:
     """(result rows, memory pairs excluded as near-duplicates of this set's images)."""
     exclude = near_duplicate_ids(memory, emb.images, threshold)
-    nn_text = neighbour_embeddings(memory, emb.images, "image", k, exclude, threshold)
-    nn_image = neighbour_embeddings(memory, emb.texts, "text", k, exclude, threshold)
+    how = dict(search=fusion.search, fuse=fusion.fuse)
+    image_ids, image_tokens = neighbour_embeddings(memory, emb.images, "image", k, exclude, threshold, **how)
+    text_ids, text_tokens = neighbour_embeddings(memory, emb.texts, "text", k, exclude, threshold, **how)
     scores = {"baseline": _score(ds, emb, emb.images, emb.texts),
-              "reco": _score(ds, emb, refine(fusion.image, emb.images, nn_text),
-                             refine(fusion.text, emb.texts, nn_image))}
+              "reco": _score(ds, emb, refine(fusion.image, emb.images, image_tokens, image_ids),
+                             refine(fusion.text, emb.texts, text_tokens, text_ids))}
     if control is not None:
         scores["no_retrieval"] = _score(ds, emb, refine(control.image, emb.images, None),
                                         refine(control.text, emb.texts, None))

@@ -2,7 +2,9 @@
 
 Uni-modal search, cross-modal fusion: a pair's image retrieves its nearest memory images
 and keeps their TEXTS (`nn_text`); its caption retrieves its nearest memory texts and
-keeps their IMAGES (`nn_image`). The pair itself (by id) and every memory pair whose
+keeps their IMAGES (`nn_image`). The ablations: `neighbors.search=cross` searches the
+other modality's index instead; `train.fuse=uni` also keeps the neighbours' own-modality
+embeddings (`nn_image_uni`, `nn_text_uni`). The pair itself (by id) and every memory pair whose
 image nearly copies the query's image are left out of both; identical captions are not
 duplicates. The unit of work is one input shard: a Ray Data actor searches it and writes
 one output shard, so a re-run only redoes missing shards; the manifest is written last.
@@ -42,7 +44,13 @@ def _fingerprint(cfg: RecoConfig, input_dir: str, index_generation: int) -> str:
     re-indexed) makes every shard stale."""
     n = cfg.neighbors
     return json.dumps({"input": input_dir, "k": n.k, "dedup_threshold": n.dedup_threshold,
-                       "index_generation": index_generation})
+                       "search": n.search, "uni": writes_uni(cfg), "index_generation": index_generation})
+
+
+def writes_uni(cfg: RecoConfig) -> bool:
+    """Whether the shards hold the neighbours' same-modality embeddings too: only `train.fuse=uni`
+    reads them, and they would double the shards' size for every other setting."""
+    return cfg.train.fuse == "uni"
 
 
 class ShardSearcher(ShardActor):
@@ -70,15 +78,18 @@ class ShardSearcher(ShardActor):
             text = embeddings_to_numpy(rows["text_embedding"])
             ids = rows["id"].to_numpy()
             common = dict(k=n.k, query_images=image, query_ids=ids if self.is_memory else None,
-                          dedup_threshold=n.dedup_threshold, margin=n.margin)
+                          dedup_threshold=n.dedup_threshold, margin=n.margin, search=n.search)
             nn_text_ids, nn_text = retrieve(self.memory, image, "image", **common)
             nn_image_ids, nn_image = retrieve(self.memory, text, "text", **common)
             short += int(((nn_text_ids < 0).any(1) | (nn_image_ids < 0).any(1)).sum())
+            uni = ((self.memory.fetch(nn_text_ids, "image"), self.memory.fetch(nn_image_ids, "text"))
+                   if writes_uni(self.cfg) else None)
             parts.append(neighbors_table(ids, rows["key"].to_pylist(), image, text, nn_text_ids, nn_text,
-                                         nn_image_ids, nn_image, dtype))
+                                         nn_image_ids, nn_image, dtype, uni))
         shard = NeighborsShard(path=path, rows=table.num_rows, source=source, short=short,
                                seconds=round(time.perf_counter() - t0, 3))
-        out = pa.concat_tables(parts) if parts else neighbors_schema(self.memory.d, n.k, dtype).empty_table()
+        out = pa.concat_tables(parts) if parts else \
+            neighbors_schema(self.memory.d, n.k, dtype, writes_uni(self.cfg)).empty_table()
         out = out.replace_schema_metadata({META_KEY: json.dumps({"fingerprint": self.fingerprint,
                                                                  "shard": shard.model_dump(mode="json")})})
         storage.write_parquet_atomic(storage.join(self.out_dir, path), out)
@@ -180,8 +191,8 @@ def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     manifest = NeighborsManifest(
         split=cfg.neighbors.split, input=input_dir, model=queries.model, pretrained=queries.pretrained,
         d=queries.d, k=cfg.neighbors.k, dtype=queries.dtype, dedup_threshold=cfg.neighbors.dedup_threshold,
-        shards=shards, total_rows=sum(s.rows for s in shards), short=sum(s.short for s in shards),
-        depends=depends)
+        search=cfg.neighbors.search, uni=writes_uni(cfg), shards=shards, total_rows=sum(s.rows for s in shards),
+        short=sum(s.short for s in shards), depends=depends)
     if manifest == NeighborsManifest.read(out_dir):
         log.info("%s is up to date (%d queries)", out_dir, manifest.total_rows)
         return manifest

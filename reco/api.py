@@ -203,11 +203,12 @@ class Reco:
     # -- refinement ------------------------------------------------------------------------
 
     def _refine(self, queries: np.ndarray, modality: Modality, exclude_ids: np.ndarray | None) -> np.ndarray:
-        """RECO: the queries fused with the other modality of their k uni-modal neighbours."""
+        """RECO: the queries fused with their k neighbours, retrieved as the model was trained."""
         exclude = np.zeros(0, np.int64) if exclude_ids is None else np.asarray(exclude_ids, np.int64)
-        retrieved = neighbour_embeddings(self.memory, queries, modality, self.k, exclude, self.dedup_threshold)
+        ids, retrieved = neighbour_embeddings(self.memory, queries, modality, self.k, exclude,
+                                              self.dedup_threshold, self.fusion.search, self.fusion.fuse)
         module = self.fusion.image if modality == "image" else self.fusion.text
-        return refine(module, queries, retrieved)
+        return refine(module, queries, retrieved, ids)
 
     def encode_image(self, images: Sequence[ImageInput], refine: bool = True,
                      exclude_ids: np.ndarray | None = None) -> np.ndarray:

@@ -19,6 +19,12 @@ from reco.errors import ConfigError
 __all__ = ["ConfigError", "RecoConfig", "config_from_dict", "load_config", "dump_config"]
 
 
+Search = Literal["uni", "cross"]
+"""What a query searches: memory items of its own modality (uni) or of the other (cross)."""
+Fuse = Literal["cross", "uni", "mean"]
+"""What a query is fused with: its neighbours' other-modality embeddings (cross), their
+same-modality embeddings (uni), or no module at all: the mean of the cross tokens (mean)."""
+
 class Section(BaseModel):
     # Attribute docstrings become field descriptions: docs/config.md is generated from them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
@@ -150,6 +156,10 @@ class NeighborsConfig(Section):
     """Queries per search call."""
     num_actors: int | None = Field(None, gt=0)
     """Searchers (each holds the index); default one per GPU, else one per 4 CPUs."""
+    search: Search = "uni"
+    """The paper's ablation: `uni` (RECO) searches image queries against the memory's images
+    and text queries against its texts; `cross` searches image queries against the memory's
+    texts and text queries against its images. What is fused is `train.fuse`'s choice."""
 
 
 class TrainConfig(Section):
@@ -190,6 +200,12 @@ class TrainConfig(Section):
     """Rows in each worker's local shuffle buffer (re-seeded every epoch); 0: file order."""
     log_every: int = Field(1, gt=0)
     """Steps between logged metrics (TensorBoard under `<workdir>/train/logs/`)."""
+    fuse: Fuse = "cross"
+    """The paper's ablation: `cross` (RECO) fuses image queries with the texts of their
+    neighbour pairs and text queries with their images; `uni` with the queries' own modality
+    (needs neighbour shards written with this setting: `reco neighbors` adds the columns);
+    `mean`: nothing is trained, the refined embedding is the L2-normalised mean of the
+    cross tokens."""
 
 
 class EvalDataset(Section):

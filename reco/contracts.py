@@ -246,16 +246,31 @@ def index_folder(workdir: str, modality: str) -> str:
 
 # ---------------------------------------------------------------- neighbors/<split>/ (reco neighbors)
 
-def neighbors_schema(d: int, k: int, dtype: Literal["float16", "float32"] = "float16") -> pa.Schema:
-    """One row per query pair; nn_text[j] is the text of pair nn_text_ids[j] (found by
-    image->image search), nn_image[j] the image of pair nn_image_ids[j] (text->text)."""
+def neighbors_schema(d: int, k: int, dtype: Literal["float16", "float32"] = "float16",
+                     uni: bool = False) -> pa.Schema:
+    """One row per query pair; nn_text[j] is the text of pair nn_text_ids[j] (found by the
+    image's search), nn_image[j] the image of pair nn_image_ids[j] (found by the text's).
+    With `uni` (written for `train.fuse=uni`) also the same-modality embeddings of those
+    pairs: nn_image_uni[j] the image of pair nn_text_ids[j], nn_text_uni[j] the text of
+    pair nn_image_ids[j]."""
     vec = pa.list_(pa.float16() if dtype == "float16" else pa.float32(), d)
-    return pa.schema([
+    fields = [
         ("id", pa.int64()), ("key", pa.string()),
         ("image_embedding", vec), ("text_embedding", vec),
         ("nn_text", pa.list_(vec, k)), ("nn_image", pa.list_(vec, k)),
         ("nn_image_ids", pa.list_(pa.int64(), k)), ("nn_text_ids", pa.list_(pa.int64(), k)),
-    ])
+    ]
+    if uni:
+        fields += [("nn_image_uni", pa.list_(vec, k)), ("nn_text_uni", pa.list_(vec, k))]
+    return pa.schema(fields)
+
+
+def token_columns(fuse: str) -> tuple[str, str, str, str]:
+    """Neighbour-shard columns (image tokens, image neighbour ids, text tokens, text neighbour
+    ids): what image queries and text queries are fused with under `train.fuse`."""
+    if fuse == "uni":
+        return "nn_image_uni", "nn_text_ids", "nn_text_uni", "nn_image_ids"
+    return "nn_text", "nn_text_ids", "nn_image", "nn_image_ids"
 
 
 def nested_array(x: np.ndarray, dtype: Literal["float16", "float32"] = "float16") -> pa.FixedSizeListArray:
@@ -274,7 +289,9 @@ def nested_to_numpy(column: pa.ChunkedArray | pa.FixedSizeListArray, dtype=np.fl
 
 def neighbors_table(ids: np.ndarray, keys: list[str], image: np.ndarray, text: np.ndarray,
                     nn_text_ids: np.ndarray, nn_text: np.ndarray, nn_image_ids: np.ndarray,
-                    nn_image: np.ndarray, dtype: Literal["float16", "float32"] = "float16") -> pa.Table:
+                    nn_image: np.ndarray, dtype: Literal["float16", "float32"] = "float16",
+                    uni: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
+    """`uni`: (nn_image_uni, nn_text_uni) for `train.fuse=uni`, see `neighbors_schema`."""
     k = nn_text_ids.shape[1]
     ids_col = lambda x: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1).astype(np.int64)), k)  # noqa: E731
     return pa.Table.from_arrays([
@@ -282,7 +299,8 @@ def neighbors_table(ids: np.ndarray, keys: list[str], image: np.ndarray, text: n
         embedding_array(image, dtype), embedding_array(text, dtype),
         nested_array(nn_text, dtype), nested_array(nn_image, dtype),
         ids_col(nn_image_ids), ids_col(nn_text_ids),
-    ], schema=neighbors_schema(image.shape[1], k, dtype))
+        *(nested_array(x, dtype) for x in uni or ()),
+    ], schema=neighbors_schema(image.shape[1], k, dtype, uni is not None))
 
 
 class NeighborsShard(BaseModel):
@@ -305,6 +323,10 @@ class NeighborsManifest(Manifest):
     k: int
     dtype: Literal["float16", "float32"]
     dedup_threshold: float
+    search: Literal["uni", "cross"] = "uni"
+    """`neighbors.search`: which memory index each query searched."""
+    uni: bool = False
+    """The shards also hold nn_image_uni and nn_text_uni (written for `train.fuse=uni`)."""
     shards: list[NeighborsShard] = Field(default_factory=list)
     total_rows: int = 0
     short: int = 0

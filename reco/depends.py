@@ -106,7 +106,9 @@ def _index(cfg: RecoConfig) -> Depends:
 
 def _neighbors(cfg: RecoConfig) -> Depends:
     queries = cfg.neighbors.input or cfg.path(MEMORY_DIR)
-    return {"config": _section("neighbors", cfg.neighbors, NEIGHBORS_RUNTIME),
+    # train.fuse=uni makes the stage write the neighbours' same-modality embeddings too
+    return {"config": {**_section("neighbors", cfg.neighbors, NEIGHBORS_RUNTIME),
+                       "train.fuse=uni": cfg.train.fuse == "uni"},
             "inputs": {"index.generation": _index_generation(cfg), **_memory_generation(queries, "queries")}}
 
 

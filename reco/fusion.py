@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reco import storage
+from reco.config import Fuse, Search
 from reco.contracts import FUSION_META, FUSION_WEIGHTS
 
 INIT_TEMPERATURE = 0.07
@@ -38,25 +39,46 @@ class FusionModule(nn.Module):
             d, heads, dim_feedforward=int(d * mlp_ratio), dropout=0.0, activation="gelu",
             batch_first=True, norm_first=True)
 
-    def forward(self, query: Tensor, retrieved: Tensor) -> Tensor:
-        """query (n, d), retrieved (n, k, d) with k >= 0 -> refined (n, d), unit norm."""
+    def forward(self, query: Tensor, retrieved: Tensor, missing: Tensor | None = None) -> Tensor:
+        """query (n, d), retrieved (n, k, d) with k >= 0 -> refined (n, d), unit norm.
+
+        `missing` (n, k) bool marks retrieved slots that hold no neighbour (id -1, zeros):
+        they are masked out of attention, so a query with k' < k neighbours is refined
+        exactly as if only those k' had been given. The query token is never masked."""
         tokens = torch.cat([query.unsqueeze(1), retrieved.to(query.dtype)], dim=1)
-        return F.normalize(self.layer(tokens)[:, 0], dim=-1)
+        mask = None if missing is None else F.pad(missing.to(torch.bool), (1, 0), value=False)
+        return F.normalize(self.layer(tokens, src_key_padding_mask=mask)[:, 0], dim=-1)
+
+
+class MeanFusion(nn.Module):
+    """The parameter-free reference (`train.fuse=mean`): the L2-normalised mean of the
+    retrieved embeddings present; a query with none keeps its own embedding."""
+
+    def forward(self, query: Tensor, retrieved: Tensor, missing: Tensor | None = None) -> Tensor:
+        present = torch.ones(retrieved.shape[:2], dtype=torch.bool, device=query.device) if missing is None \
+            else ~missing.to(torch.bool)
+        total = (retrieved.to(query.dtype) * present.unsqueeze(-1)).sum(dim=1)
+        return F.normalize(torch.where(present.any(dim=1, keepdim=True), total, query), dim=-1)
 
 
 class RecoFusion(nn.Module):
     """phi_image and phi_text with the learnable temperature of the RECO loss."""
 
-    def __init__(self, d: int, heads: int = 8, mlp_ratio: float = 4.0):
+    def __init__(self, d: int, heads: int = 8, mlp_ratio: float = 4.0, fuse: Fuse = "cross",
+                 search: Search = "uni"):
         super().__init__()
-        self.image = FusionModule(d, heads, mlp_ratio)
-        self.text = FusionModule(d, heads, mlp_ratio)
+        # How its neighbours were found and which of their embeddings it fuses: inference
+        # must retrieve exactly as training did.
+        self.fuse, self.search = fuse, search
+        make = MeanFusion if fuse == "mean" else lambda: FusionModule(d, heads, mlp_ratio)
+        self.image, self.text = make(), make()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / INIT_TEMPERATURE)))
 
-    def forward(self, image: Tensor, nn_text: Tensor, text: Tensor, nn_image: Tensor) -> tuple[Tensor, Tensor]:
-        """(v', t'): images fused with the texts of their image neighbours, texts with the
-        images of their text neighbours."""
-        return self.image(image, nn_text), self.text(text, nn_image)
+    def forward(self, image: Tensor, image_tokens: Tensor, text: Tensor, text_tokens: Tensor,
+                image_missing: Tensor | None = None, text_missing: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(v', t'): images and texts each fused with the tokens of their neighbours (which
+        modality: `reco.search.fused_modality`); `*_missing` (n, k) marks padded slots."""
+        return self.image(image, image_tokens, image_missing), self.text(text, text_tokens, text_missing)
 
 
 def save_fusion(model: RecoFusion, meta: dict, model_dir: str) -> None:
@@ -69,25 +91,30 @@ def save_fusion(model: RecoFusion, meta: dict, model_dir: str) -> None:
 
 def load_fusion(model_dir: str) -> tuple[RecoFusion, dict]:
     """The trained fusion modules in `model_dir` (CPU, eval mode) and the metadata saved with
-    them: d, heads, mlp_ratio, k, retrieval, steps and the full config that trained them."""
+    them: d, heads, mlp_ratio, k, retrieval, fuse, steps, the neighbours' identity (with their
+    search) and the full config that trained them."""
     meta_url = storage.join(model_dir, FUSION_META)
     if not storage.exists(meta_url):
         raise FileNotFoundError(f"{model_dir} holds no finished fusion model ({FUSION_META} missing); "
                                 "run `reco train` first")
     meta = storage.read_json(meta_url)
-    model = RecoFusion(meta["d"], meta["heads"], meta["mlp_ratio"])
+    model = RecoFusion(meta["d"], meta["heads"], meta["mlp_ratio"], meta.get("fuse", "cross"),
+                       meta.get("neighbors", {}).get("search", "uni"))
     with fsspec.open(storage.join(model_dir, FUSION_WEIGHTS), "rb") as f:
         model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
     return model.eval(), meta
 
 
-def refine(module: torch.nn.Module, queries: np.ndarray, retrieved: np.ndarray | None) -> np.ndarray:
-    """module(query, neighbours) in batches; `retrieved` None feeds no neighbours (k=0)."""
+def refine(module: torch.nn.Module, queries: np.ndarray, retrieved: np.ndarray | None,
+           ids: np.ndarray | None = None) -> np.ndarray:
+    """module(query, neighbours) in batches; `retrieved` None feeds no neighbours (k=0).
+    `ids` (n, k), as `retrieve` returns them: slots with id -1 are masked out."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(queries), REFINE_BATCH):
             q = torch.from_numpy(np.ascontiguousarray(queries[i:i + REFINE_BATCH], np.float32))
             r = (torch.zeros(len(q), 0, q.shape[1]) if retrieved is None
                  else torch.from_numpy(np.ascontiguousarray(retrieved[i:i + REFINE_BATCH], np.float32)))
-            out.append(module(q, r).numpy())
+            missing = None if ids is None or retrieved is None else torch.from_numpy(ids[i:i + REFINE_BATCH] < 0)
+            out.append(module(q, r, missing).numpy())
     return np.concatenate(out) if out else queries.copy()

@@ -13,7 +13,8 @@ that an actor's death interrupted. Search scatters each query batch to every sha
 merges their k best by score; fetch routes each id to the shard that holds it.
 `memory_service` decides, for a stage, whether the memory calls for the service.
 
-On top of it, `retrieve` is RECO's uni-modal search with cross-modal gather, dropping a
+On top of it, `retrieve` is RECO's uni-modal search with cross-modal gather (or the
+ablations' other choices), dropping a
 query's own pair and its image near-duplicates, and `near_duplicate_ids` finds the memory
 pairs that copy evaluation images. `reco index`, `reco neighbors` and `reco evaluate` all
 search through this module.
@@ -37,7 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from reco import storage
 from reco.cluster import cluster_gpus
-from reco.config import IndexConfig
+from reco.config import Fuse, IndexConfig, Search
 from reco.contracts import (INDEX_DIR, MANIFEST, MODALITIES, OTHER, CoveredShard, IndexManifest, IndexShard,
                             Modality, index_folder)
 from reco.errors import RecoError
@@ -411,12 +412,24 @@ def _admissible(memory: MemoryIndex, cand: np.ndarray, query_images: np.ndarray 
     return keep
 
 
+def searched_modality(query: Modality, search: Search) -> Modality:
+    """The memory index a query searches: its own modality's (uni, RECO) or the other's (cross)."""
+    return query if search == "uni" else OTHER[query]
+
+
+def fused_modality(query: Modality, fuse: Fuse) -> Modality:
+    """Which embeddings of its neighbour pairs a query is fused with: the other modality's
+    (cross, and mean over the same tokens), or its own (uni)."""
+    return query if fuse == "uni" else OTHER[query]
+
+
 def retrieve(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: int, *,
              query_images: np.ndarray | None = None, query_ids: np.ndarray | None = None,
              dedup_threshold: float = 0.95, exclude_ids: np.ndarray | None = None,
-             margin: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Uni-modal search, cross-modal gather: (ids (n, k) int64, embeddings (n, k, d) float32)
-    of the other modality, best first; -1 and zeros where fewer than k admissible exist.
+             margin: int = 10, search: Search = "uni", fuse: Fuse = "cross") -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n, k) int64, embeddings (n, k, d) float32) of the queries' neighbour pairs, best
+    first; -1 and zeros where fewer than k admissible exist. RECO's default is uni-modal
+    search (`searched_modality`), cross-modal gather (`fused_modality`).
 
     Searches k + margin and doubles the width for the queries that still lack k after
     dropping their own pair (`query_ids`), `exclude_ids`, and image near-duplicates
@@ -429,7 +442,7 @@ def retrieve(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: in
     width = k + margin
     while todo.size:
         width = min(width, memory.ntotal)
-        _, cand = memory.search(queries[todo], width, modality)
+        _, cand = memory.search(queries[todo], width, searched_modality(modality, search))
         keep = _admissible(memory, cand, None if query_images is None else query_images[todo],
                            None if query_ids is None else query_ids[todo], exclude_ids, dedup_threshold)
         done = (keep.sum(axis=1) >= k) | (width >= memory.ntotal)
@@ -440,7 +453,7 @@ def retrieve(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: in
         out[todo[done], :picked.shape[1]] = picked
         todo = todo[~done]
         width *= 2
-    return out, memory.fetch(out, OTHER[modality])
+    return out, memory.fetch(out, fused_modality(modality, fuse))
 
 
 NEAR_DUPLICATE_BATCH = 1024
@@ -479,10 +492,11 @@ def _near_duplicates(memory: MemoryIndex, images: np.ndarray, threshold: float, 
 
 
 def neighbour_embeddings(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: int,
-                         exclude: np.ndarray, threshold: float) -> np.ndarray:
-    """(n, k, d) cross-modal embeddings of the queries' uni-modal neighbours, leaving out
-    `exclude` and, for image queries, the images' near-duplicates."""
-    _, emb = retrieve(memory, np.ascontiguousarray(queries, np.float32), modality, k,
-                      query_images=queries if modality == "image" else None,
-                      dedup_threshold=threshold, exclude_ids=exclude)
-    return emb
+                         exclude: np.ndarray, threshold: float, search: Search = "uni",
+                         fuse: Fuse = "cross") -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n, k), embeddings (n, k, d)) of the queries' neighbours as the fusion model was
+    trained with them (`search`, `fuse`), leaving out `exclude` and, for image queries, the
+    images' near-duplicates; id -1 marks a missing neighbour."""
+    return retrieve(memory, np.ascontiguousarray(queries, np.float32), modality, k,
+                    query_images=queries if modality == "image" else None,
+                    dedup_threshold=threshold, exclude_ids=exclude, search=search, fuse=fuse)

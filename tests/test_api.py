@@ -46,8 +46,9 @@ def world(api_world):
 def evaluate_refinement(model, queries: np.ndarray, modality: str, exclude: np.ndarray) -> np.ndarray:
     """What evaluate_set computes for these queries: neighbour_embeddings, then refine."""
     module = model.fusion.image if modality == "image" else model.fusion.text
-    return refine(module, queries, neighbour_embeddings(model.memory, queries, modality, model.k, exclude,
-                                                        model.dedup_threshold))
+    ids, retrieved = neighbour_embeddings(model.memory, queries, modality, model.k, exclude,
+                                          model.dedup_threshold)
+    return refine(module, queries, retrieved, ids)
 
 
 def test_load_reads_the_saved_config(world):

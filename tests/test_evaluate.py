@@ -11,7 +11,7 @@ import torch
 import torchvision
 from clip_benchmark.metrics import zeroshot_classification as cb
 
-from evaluation.datasets import prepare_dataset
+from evaluation.datasets import clean_classname, prepare_dataset
 from evaluation.evaluate import embed_images, check_evaluate, evaluate
 from evaluation.metrics import retrieval_recall, topk_accuracy, topk_predictions
 from evaluation.report import REPORT_FILES
@@ -219,3 +219,14 @@ def test_no_trained_model_is_an_error(tmp_path, tiny_checkpoint):
     empty = make_config(tmp_path / "work")
     with pytest.raises(ConfigError, match="evaluate.datasets: empty"):
         evaluate(empty)
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("001.Black_footed_Albatross", "Black footed Albatross"),
+    ("200.Common_Yellowthroat", "Common Yellowthroat"),
+    ("Chuck_will_Widow", "Chuck will Widow"),
+    ("2012 Tesla Model S", "2012 Tesla Model S"),  # a year is not numbering
+    ("pink primrose", "pink primrose"),
+])
+def test_clip_benchmark_classnames_are_cleaned(raw, clean):
+    assert clean_classname(raw) == clean

@@ -1,11 +1,13 @@
-"""The fusion modules: size, shape, normalisation, the no-retrieval case, save and load."""
+"""The fusion modules: size, shape, normalisation, the no-retrieval case, masked missing
+neighbours, the mean reference, save and load."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from reco.fusion import FusionModule, RecoFusion, load_fusion, save_fusion
+from reco.fusion import FusionModule, RecoFusion, load_fusion, refine, save_fusion
 
 
 def test_parameter_count_at_d512():
@@ -52,3 +54,34 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(FileNotFoundError, match="run `reco train` first"):
         load_fusion(str(tmp_path / "nothing"))
+
+
+def test_missing_neighbours_are_masked_not_fed_as_zeros():
+    """A query with 3 of 5 slots padded (id -1, zeros) is refined as if given only its 3."""
+    torch.manual_seed(0)
+    phi = FusionModule(64).eval()
+    q, r = torch.randn(4, 64), torch.randn(4, 5, 64)
+    padded = r.clone()
+    padded[:, 3:] = 0
+    missing = torch.zeros(4, 5, dtype=torch.bool)
+    missing[:, 3:] = True
+    three = phi(q, r[:, :3])
+    torch.testing.assert_close(phi(q, padded, missing), three, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(phi(q, padded), three, atol=1e-3), "zero tokens do change the output"
+    # Also through refine, on the inference path, from the ids retrieve returns.
+    ids = np.where(missing.numpy(), -1, 7)
+    np.testing.assert_allclose(refine(phi, q.numpy(), padded.numpy(), ids), three.detach().numpy(), atol=1e-5)
+    # All slots missing: the query alone.
+    torch.testing.assert_close(phi(q, padded, torch.ones(4, 5, dtype=torch.bool)),
+                               phi(q, torch.zeros(4, 0, 64)), atol=1e-5, rtol=1e-5)
+
+
+def test_mean_fusion_is_the_normalised_mean_of_the_neighbours_present():
+    torch.manual_seed(0)
+    model = RecoFusion(64, fuse="mean")
+    assert [name for name, _ in model.named_parameters()] == ["logit_scale"], "nothing trained"
+    q, r = torch.randn(3, 64), torch.randn(3, 4, 64)
+    missing = torch.tensor([[False] * 4, [False, False, True, True], [True] * 4])
+    v, _ = model(q, r, q, r, missing, missing)
+    by_hand = [r[0].mean(0), r[1, :2].mean(0), q[2]]  # no neighbour: the query stays as it is
+    torch.testing.assert_close(v, torch.stack([x / x.norm() for x in by_hand]))

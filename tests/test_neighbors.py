@@ -1,5 +1,6 @@
 """`retrieve` and `reco neighbors`: the query's own pair and its image near-duplicates are
-never neighbours, other pairs with the same caption are; shards resume; bad input."""
+never neighbours, other pairs with the same caption are; shards resume; the search and
+fusion ablations; bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexing.build import build_index
-from indexing.neighbors import neighbors
+from indexing.neighbors import ShardSearcher, _fingerprint, neighbors
 from reco.contracts import NeighborsManifest, embeddings_to_numpy, nested_to_numpy
 from reco.search import MemoryIndex, retrieve
 from reco.config import ConfigError
@@ -160,3 +161,56 @@ def test_bad_input_is_a_clear_error(workdir, tmp_path, case, message):
         cfg = config(workdir, k=240)
     with pytest.raises(ConfigError, match=message):
         neighbors(cfg)
+
+
+def test_cross_search_finds_the_pairs_whose_text_is_nearest_to_the_image(workdir):
+    """search=cross: an image query searches the memory's texts (and a text query its
+    images); what is gathered is `fuse`'s choice, independent of the search."""
+    memory = MemoryIndex.open(str(workdir))
+    image, text = (x.astype(np.float16).astype(np.float32) for x in memory_pairs())
+    q = np.array([7, 100])
+    common = dict(k=K, query_ids=q, margin=3, search="cross")
+    ids, tokens = retrieve(memory, image[q], "image", **common)
+    for row, query in enumerate(q):
+        sims = text @ image[query]
+        want = [int(i) for i in np.argsort(-sims, kind="stable") if i != query][:K]
+        np.testing.assert_allclose(sims[ids[row]], sims[want], atol=1e-5)
+    assert not np.array_equal(ids, retrieve(memory, image[q], "image", K, query_ids=q, margin=3)[0])
+    np.testing.assert_allclose(tokens, text[ids], atol=1e-6)  # fuse=cross: still their texts
+    text_ids, _ = retrieve(memory, text[q], "text", **common)
+    sims = image @ text[q[0]]
+    np.testing.assert_allclose(sims[text_ids[0]], np.sort(sims[np.arange(N) != q[0]])[::-1][:K], atol=1e-5)
+
+
+def test_uni_fusion_gathers_the_neighbours_same_modality(workdir):
+    memory = MemoryIndex.open(str(workdir))
+    image, text = (x.astype(np.float16).astype(np.float32) for x in memory_pairs())
+    ids, tokens = retrieve(memory, image[:3], "image", K, query_ids=np.arange(3), fuse="uni")
+    np.testing.assert_allclose(tokens, image[ids], atol=1e-6)
+    ids, tokens = retrieve(memory, text[:3], "text", K, query_ids=np.arange(3), fuse="uni")
+    np.testing.assert_allclose(tokens, text[ids], atol=1e-6)
+
+
+def test_shard_search_follows_the_ablation_settings(workdir, tmp_path):
+    """One input shard through the stage's searcher: search=cross changes the neighbours,
+    train.fuse=uni adds the neighbours' same-modality embeddings; both change the fingerprint."""
+    image, text = (x.astype(np.float16).astype(np.float32) for x in memory_pairs())
+    memory_dir = str(workdir / "memory")
+
+    def shard(cfg) -> pq.ParquetFile:
+        fingerprint = _fingerprint(cfg, memory_dir, 0)
+        ShardSearcher(cfg.model_dump_json(), memory_dir, str(tmp_path), fingerprint, 1).process(
+            f"{memory_dir}/part-00000.parquet", "out.parquet")
+        return pq.read_table(tmp_path / "out.parquet"), fingerprint
+
+    plain, plain_fp = shard(config(workdir))
+    assert "nn_image_uni" not in plain.column_names
+    cross, cross_fp = shard(config(workdir, search="cross"))
+    assert cross["nn_text_ids"] != plain["nn_text_ids"] and cross_fp != plain_fp
+    cfg = make_config(workdir, index={"key": "Flat"}, neighbors={"k": K, "margin": 3}, train={"fuse": "uni"})
+    uni, uni_fp = shard(cfg)
+    assert uni["nn_text_ids"] == plain["nn_text_ids"] and uni_fp not in (plain_fp, cross_fp)
+    nn_text_ids, nn_image_ids = (np.array(uni[c].to_pylist()) for c in ("nn_text_ids", "nn_image_ids"))
+    np.testing.assert_allclose(nested_to_numpy(uni["nn_image_uni"]), image[nn_text_ids], atol=1e-3)
+    np.testing.assert_allclose(nested_to_numpy(uni["nn_text_uni"]), text[nn_image_ids], atol=1e-3)
+    np.testing.assert_allclose(nested_to_numpy(uni["nn_text"]), text[nn_text_ids], atol=1e-3)

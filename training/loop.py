@@ -25,8 +25,8 @@ import ray.train.torch
 import torch
 from pydantic import BaseModel
 
-from reco.config import ConfigError, RecoConfig
-from reco.contracts import embeddings_to_numpy, nested_to_numpy
+from reco.config import ConfigError, Fuse, RecoConfig
+from reco.contracts import embeddings_to_numpy, nested_to_numpy, token_columns
 from reco.errors import RecoError
 from reco.fusion import RecoFusion, save_fusion
 from training.loss import RecoLoss
@@ -75,13 +75,18 @@ def make_optimizer(model: RecoFusion, cfg: RecoConfig) -> torch.optim.AdamW:
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.train.lr)
 
 
-def batch_tensors(batch: pa.Table, k: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Arrow batch -> float32 tensors v, t (n, d) and nn_text, nn_image (n, k, d)."""
+def batch_tensors(batch: pa.Table, k: int, fuse: Fuse, device: torch.device) -> dict[str, torch.Tensor]:
+    """Arrow batch -> float32 tensors v, t (n, d); the tokens each is fused with, v_tokens and
+    t_tokens (n, k, d), chosen by `fuse`; v_missing, t_missing (n, k) True where a slot holds
+    no neighbour (id -1)."""
     out = {"v": embeddings_to_numpy(batch["image_embedding"]),
            "t": embeddings_to_numpy(batch["text_embedding"])}
     n, d = out["v"].shape
-    for name in ("nn_text", "nn_image"):
-        out[name] = nested_to_numpy(batch[name]) if k else np.zeros((n, 0, d), np.float32)
+    image_tokens, image_ids, text_tokens, text_ids = token_columns(fuse)
+    for query, tokens, ids in (("v", image_tokens, image_ids), ("t", text_tokens, text_ids)):
+        out[f"{query}_tokens"] = nested_to_numpy(batch[tokens]) if k else np.zeros((n, 0, d), np.float32)
+        out[f"{query}_missing"] = (batch[ids].combine_chunks().flatten().to_numpy().reshape(n, k) < 0 if k
+                                   else np.zeros((n, 0), bool))
     return {name: torch.from_numpy(x).to(device, non_blocking=True) for name, x in out.items()}
 
 
@@ -141,7 +146,7 @@ class Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         torch.manual_seed(cfg.seed)
-        self.model = RecoFusion(plan.d, cfg.train.heads, cfg.train.mlp_ratio).to(self.device)
+        self.model = RecoFusion(plan.d, cfg.train.heads, cfg.train.mlp_ratio, cfg.train.fuse).to(self.device)
         self.opt = make_optimizer(self.model, cfg)
         self.sched = make_scheduler(self.opt, cfg.train.warmup_steps, plan.total_steps)
         self.loss_fn = RecoLoss()
@@ -208,9 +213,9 @@ class Trainer:
         return self.metrics
 
     def train_step(self, batch: pa.Table, epoch: int, index: int) -> dict:
-        x = batch_tensors(batch, self.plan.k, self.device)
+        x = batch_tensors(batch, self.plan.k, self.cfg.train.fuse, self.device)
         with self.autocast:
-            v_ref, t_ref = self.ddp(x["v"], x["nn_text"], x["t"], x["nn_image"])
+            v_ref, t_ref = self.ddp(x["v"], x["v_tokens"], x["t"], x["t_tokens"], x["v_missing"], x["t_missing"])
             loss = self.loss_fn(x["v"], x["t"], v_ref.float(), t_ref.float(), self.model.logit_scale)
         if not torch.isfinite(loss):
             ids = batch["id"].to_pylist()
@@ -259,13 +264,16 @@ class Trainer:
 
     def finish(self, metrics: dict) -> None:
         self.writer.close()
-        t = self.cfg.train
-        meta = {"d": self.plan.d, "heads": t.heads, "mlp_ratio": t.mlp_ratio, "k": self.plan.k,
-                "retrieval": t.retrieval, "steps": self.step, "final_metrics": metrics,
-                "resumed_from": self.resumed_from,
-                "fingerprint": self.plan.fingerprint, "neighbors": self.plan.neighbors,
-                "config": self.cfg.model_dump(mode="json")}
-        save_fusion(self.model, meta, self.plan.model_dir)
+        save_fusion(self.model, fusion_meta(self.cfg, self.plan, self.step, metrics, self.resumed_from),
+                    self.plan.model_dir)
+
+
+def fusion_meta(cfg: RecoConfig, plan: Plan, steps: int, metrics: dict, resumed_from: list[int]) -> dict:
+    """What is saved beside the final weights (`reco.fusion.load_fusion` reads it back)."""
+    t = cfg.train
+    return {"d": plan.d, "heads": t.heads, "mlp_ratio": t.mlp_ratio, "k": plan.k, "retrieval": t.retrieval,
+            "fuse": t.fuse, "steps": steps, "final_metrics": metrics, "resumed_from": resumed_from,
+            "fingerprint": plan.fingerprint, "neighbors": plan.neighbors, "config": cfg.model_dump(mode="json")}
 
 
 def train_loop_per_worker(config: dict) -> dict:

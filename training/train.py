@@ -7,7 +7,8 @@ neighbour shards with Ray Data; gradients are all-reduced by DDP. Every
 (up to `train.max_failures` times), and a re-run of a killed driver resumes there too,
 at the same step, optimizer state and data position. The final weights and the config
 that made them go to `<workdir>/train/model/` (`model-noretrieval/` for the control
-trained with `train.retrieval=false`); TensorBoard logs to `train/logs/`.
+trained with `train.retrieval=false`); TensorBoard logs to `train/logs/`. The ablation
+`train.fuse=mean` has nothing to train: its model is written at once.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from reco import storage
 from reco.cluster import init_ray, ray_train_log_level
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import (FUSION_META, TRAIN_DIR, NeighborsManifest, fusion_model_dir, fusion_model_name,
-                            neighbors_folder)
+                            neighbors_folder, token_columns)
 from reco.depends import TRAIN_RUNTIME, neighbors_generation, stage_depends
-from training.loop import CHECKPOINT_META, NonFiniteLossError, Plan, check_fingerprint, train_loop_per_worker
+from reco.fusion import RecoFusion, save_fusion
+from training.loop import (CHECKPOINT_META, NonFiniteLossError, Plan, check_fingerprint, fusion_meta,
+                           train_loop_per_worker)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,12 @@ def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
     if t.retrieval and manifest.k != cfg.neighbors.k:
         raise ConfigError(f"neighbors.k: the split {t.split} was built with k={manifest.k}, the config "
                           f"says {cfg.neighbors.k}; set neighbors.k={manifest.k} or re-run `reco neighbors`")
+    if t.fuse == "uni" and t.retrieval and not manifest.uni:
+        raise ConfigError(f"train.fuse: uni fuses the neighbours' same-modality embeddings, which the split "
+                          f"{t.split} lacks; re-run `reco neighbors` with train.fuse=uni")
+    if t.fuse == "mean" and not t.retrieval:
+        raise ConfigError("train.fuse: mean averages the retrieved embeddings; with train.retrieval=false "
+                          "there are none (use train.fuse=cross for the no-retrieval control)")
     if manifest.d % t.heads:
         raise ConfigError(f"train.heads: the embedding width {manifest.d} is not divisible by {t.heads}")
     if t.batch_size % t.num_workers:
@@ -88,7 +97,7 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
     steps_per_epoch = (manifest.total_rows // t.num_workers) // (t.batch_size // t.num_workers)
     identity = {"split": t.split, "model": manifest.model, "pretrained": manifest.pretrained,
                 "d": manifest.d, "k": k, "rows": manifest.total_rows,
-                "dedup_threshold": manifest.dedup_threshold,
+                "dedup_threshold": manifest.dedup_threshold, "search": manifest.search,
                 # re-made neighbours (e.g. over a grown memory) make the model and checkpoints stale
                 "generation": neighbors_generation(manifest)}
     fingerprint = {**identity, "seed": cfg.seed,
@@ -179,7 +188,7 @@ def run_config(cfg: RecoConfig) -> RunConfig:
 
 def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
     t = cfg.train
-    columns = ["id", "image_embedding", "text_embedding"] + (["nn_text", "nn_image"] if plan.k else [])
+    columns = ["id", "image_embedding", "text_embedding"] + (list(token_columns(t.fuse)) if plan.k else [])
     dataset = ray.data.read_parquet(urls).select_columns(columns)
     # The workers log their steps; Ray Data's bars, redrawn every epoch by the split
     # coordinator, would bury them.
@@ -206,6 +215,10 @@ def train(cfg: RecoConfig, replace: bool = False) -> dict:
     if done is not None:
         log.info("%s is already trained (%d steps)", plan.model_dir, done["steps"])
         return _record(plan.model_dir, done, depends)
+    if cfg.train.fuse == "mean":  # the parameter-free reference: nothing to train
+        save_fusion(RecoFusion(plan.d, cfg.train.heads, cfg.train.mlp_ratio, "mean"),
+                    fusion_meta(cfg, plan, 0, {}, []), plan.model_dir)
+        return _record(plan.model_dir, storage.read_json(storage.join(plan.model_dir, FUSION_META)), depends)
     latest = _check_checkpoints(plan, replace)
     log.info("training %s: %d pairs, %d steps (%d per epoch), global batch %d on %d worker(s)%s",
              plan.model_dir, plan.rows, plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
