@@ -70,14 +70,15 @@ def stage_config(work: Path, nodes: int, model: str) -> RecoConfig:
 def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, d: int) -> dict[str, float]:
     """Seconds of each stage on `pairs` synthetic pairs."""
     seconds: dict[str, float] = {}
+    shard_rows = max(100, pairs // 8)  # 8 shards at every size: work for up to 8 actors or index shards
     if "embed" in stages:
         work = root / f"embed-{nodes}-{pairs}"
-        synthetic.write_webdataset(synthetic.make_samples(pairs, seed=3), str(work / "corpus"), 1000)
+        synthetic.write_webdataset(synthetic.make_samples(pairs, seed=3), str(work / "corpus"), shard_rows)
         seconds["embed"] = timed(lambda: embed(stage_config(work, nodes, model)))
     work = root / f"memory-{nodes}-{pairs}"
     cfg = stage_config(work, nodes, model)
     image, text = synthetic.clustered_embeddings(pairs, d, seed=4, clusters=max(8, pairs // 100))
-    write_memory(cfg.path(MEMORY_DIR), image, text, shard_rows=1000)
+    write_memory(cfg.path(MEMORY_DIR), image, text, shard_rows=shard_rows)
     for stage, fn in (("index", build_index), ("neighbors", neighbors), ("train", train)):
         if stage in stages:
             seconds[stage] = timed(lambda: fn(cfg))
