@@ -3,22 +3,19 @@
 Ours: tar shards -> read, decode, preprocess, tokenize, encode, write Parquet (+ ids,
 manifest), on a local Ray cluster. Bare: `encode_image` + `encode_text` on the same
 images already decoded and preprocessed, the same captions already tokenized, the same
-model and batch size. Repeats alternate; the ratio of medians is printed last.
+model and batch size. Repeats alternate; the ratio of medians is printed last, with the
+machine's load (timings on a shared machine are noisy).
 
-    python benchmarks/embed.py [--pairs 512] [--model ViT-B-32] [--batch-size 64] [--repeats 3]
+    python benchmarks/embed.py [--pairs 1536] [--model ViT-B-32] [--batch-size 64] [--repeats 3]
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import os
-import statistics
 import tempfile
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from common import load, median, parser
 
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -31,37 +28,48 @@ from reco.demo import synthetic  # noqa: E402
 from reco.models import load_clip  # noqa: E402
 
 
-def bare_forward(clip, images: torch.Tensor, tokens: torch.Tensor, batch_size: int) -> float:
-    """Seconds for encode_image + encode_text over all pairs, batch by batch."""
+def bare_forward(clip, images: torch.Tensor, tokens: torch.Tensor, batch_size: int, device: str = "cpu") -> float:
+    """Seconds for encode_image + encode_text over all pairs, batch by batch (fp16 autocast
+    on GPU, as `reco embed` runs there)."""
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda"):
         for i in range(0, len(images), batch_size):
-            clip.model.encode_image(images[i:i + batch_size], normalize=True)
-            clip.model.encode_text(tokens[i:i + batch_size], normalize=True)
+            clip.model.encode_image(images[i:i + batch_size].to(device), normalize=True).float().cpu()
+            clip.model.encode_text(tokens[i:i + batch_size].to(device), normalize=True).float().cpu()
     return time.perf_counter() - start
 
 
+def write_corpus(root: str, pairs: int, shard_size: int, image_size: int) -> list[synthetic.Sample]:
+    """The drawn pairs, also written as webdataset shards under `root/corpus`."""
+    samples = list(synthetic.make_samples(pairs, seed=0, image_size=image_size))
+    synthetic.write_webdataset(samples, f"{root}/corpus", shard_size)
+    return samples
+
+
+def bare_inputs(clip, samples: list[synthetic.Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image decoded and preprocessed, every caption tokenized: the bare forward's input."""
+    images = torch.stack([clip.preprocess(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in samples])
+    return images, clip.tokenizer([s.caption for s in samples])
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--shard-size", type=int, default=128)
-    parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--image-size", type=int, default=256, help="stored size (img2dataset default)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--pairs", type=int, default=1536)
+    p.add_argument("--shard-size", type=int, default=128)
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--image-size", type=int, default=256, help="stored size (img2dataset default)")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args()
 
     root = tempfile.mkdtemp(prefix="reco-bench-embed-")
-    samples = list(synthetic.make_samples(args.pairs, seed=0, image_size=args.image_size))
-    synthetic.write_webdataset(samples, f"{root}/corpus", args.shard_size)
+    samples = write_corpus(root, args.pairs, args.shard_size, args.image_size)
     base = {"model": {"name": args.model}, "embed": {"input": f"{root}/corpus", "batch_size": args.batch_size}}
 
     init_ray()
     cpus = int(ray.cluster_resources()["CPU"])
     torch.set_num_threads(cpus)  # what the embedding replica uses on a CPU-only cluster
     clip = load_clip(config_from_dict({"workdir": root, **base}).model)
-    images = torch.stack([clip.preprocess(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in samples])
-    tokens = clip.tokenizer([s.caption for s in samples])
+    images, tokens = bare_inputs(clip, samples)
     bare_forward(clip, images[:args.batch_size], tokens[:args.batch_size], args.batch_size)  # warm-up
 
     ours_rates, steady_rates, bare_rates = [], [], []
@@ -79,8 +87,9 @@ def main() -> None:
         steady_rates.append(args.pairs / in_shards)
         bare_rates.append(args.pairs / bare)
         print(f"repeat {r}: reco embed {ours_rates[-1]:.1f} pairs/s end to end "
-              f"({steady_rates[-1]:.1f} within shards), bare forward {bare_rates[-1]:.1f} pairs/s")
-    ours, steady, bare = (statistics.median(x) for x in (ours_rates, steady_rates, bare_rates))
+              f"({steady_rates[-1]:.1f} within shards; fixed cost {ours - in_shards:.1f} s), bare forward {bare_rates[-1]:.1f} pairs/s ({load()})",
+              flush=True)
+    ours, steady, bare = (median(x) for x in (ours_rates, steady_rates, bare_rates))
     print(f"{args.model}, {args.pairs} pairs, batch {args.batch_size}, {cpus} CPUs, medians: reco embed "
           f"{ours:.1f} pairs/s end to end, {steady:.1f} within shards; bare open_clip forward {bare:.1f}")
     print(f"embed within shards: {steady / bare:.2f} of bare open_clip forward")

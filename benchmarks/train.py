@@ -15,6 +15,7 @@ from the loop's own clock). Repeats alternate; medians; the steady-state ratio l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -40,36 +41,46 @@ from training.loss import RecoLoss  # noqa: E402
 from training.train import train  # noqa: E402
 
 
-def bare_loop(cfg, folder: str) -> tuple[float, float]:
-    """(end-to-end seconds, median seconds per step)."""
+def bare_loop(cfg, folder: str, device: str = "cpu") -> tuple[float, float]:
+    """(end-to-end seconds, median seconds per step); on GPU with autocast in
+    `train.precision`, as the Ray Train workers run."""
     start = time.perf_counter()
     tables = [pq.read_table(url) for url in storage.list_files(folder, ".parquet")]
     x = {"v": torch.from_numpy(embeddings_to_numpy(_cat(tables, "image_embedding"))),
          "t": torch.from_numpy(embeddings_to_numpy(_cat(tables, "text_embedding")))}
     x["nn_text"] = torch.from_numpy(nested_to_numpy(_cat(tables, "nn_text")))
     x["nn_image"] = torch.from_numpy(nested_to_numpy(_cat(tables, "nn_image")))
+    x = {name: tensor.to(device) for name, tensor in x.items()}
     torch.manual_seed(cfg.seed)
-    model = RecoFusion(x["v"].shape[1], cfg.train.heads, cfg.train.mlp_ratio)
+    model = RecoFusion(x["v"].shape[1], cfg.train.heads, cfg.train.mlp_ratio).to(device)
     opt = make_optimizer(model, cfg)
     b, rows = cfg.train.batch_size, len(x["v"])
     per_epoch = rows // b
     total = per_epoch * cfg.train.epochs
     sched = make_scheduler(opt, cfg.train.warmup_steps, total)
     loss_fn, steps = RecoLoss(), []
+    cuda, precision = device == "cuda", cfg.train.precision
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast("cuda", dtype=amp) if cuda and amp else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and precision == "fp16")
     for epoch in range(cfg.train.epochs):
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(epoch))
         for i in range(per_epoch):
             t0 = time.perf_counter()
             idx = order[i * b:(i + 1) * b]
             v, t, nt, ni = (x[n][idx] for n in ("v", "t", "nn_text", "nn_image"))
-            v_ref, t_ref = model(v, nt, t, ni)
-            loss = loss_fn(v, t, v_ref, t_ref, model.logit_scale)
+            with autocast:
+                v_ref, t_ref = model(v, nt, t, ni)
+                loss = loss_fn(v, t, v_ref, t_ref, model.logit_scale)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
+            if cuda:
+                torch.cuda.synchronize()  # the step's kernels, not just their launch
             steps.append(time.perf_counter() - t0)
     return time.perf_counter() - start, statistics.median(steps)
 

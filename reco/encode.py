@@ -1,11 +1,11 @@
 """The frozen CLIP over data: webdataset shards -> memory-format Parquet, and texts -> embeddings.
 
-The unit of work is one input shard: a replica of the frozen model (a Ray Data actor)
-reads it, decodes and preprocesses images in threads ahead of the forward pass,
+The unit of work is one input shard: a replica of the frozen model (a Ray actor) reads it, decodes and preprocesses images in threads ahead of the forward pass,
 encodes images and captions, and writes one staged Parquet file carrying its stats.
 Finished staged files are skipped on a re-run. Ids depend on the row counts of all
-earlier shards, so they are assigned once every input is staged: Ray tasks copy each
-staged file to its `part-NNNNN.parquet` with ids, and the manifest is written last.
+earlier shards, so they are assigned once every input is staged: each staged file is
+copied to its `part-NNNNN.parquet` with ids (by driver threads when the parts are few,
+else by Ray tasks), and the manifest is written last.
 New input shards embedded later are appended with ids continuing.
 
 `reco embed` writes the memory with it; `reco evaluate` embeds its test sets with the
@@ -77,7 +77,7 @@ def _resolved(value: object) -> Future:
 
 
 class ShardEmbedder(ShardActor):
-    """A Ray Data actor holding one frozen model replica; embeds whole input shards."""
+    """A Ray actor holding one frozen model replica; embeds whole input shards."""
 
     def __init__(self, cfg_json: str, staging: str, cpus: float, decode_threads: int):
         self.cfg = RecoConfig.model_validate_json(cfg_json)
@@ -178,14 +178,31 @@ class ShardEmbedder(ShardActor):
         return stats
 
 
-@ray.remote
-def _finalize_shard(staged_url: str, part_url: str, id_start: int, schema: pa.Schema) -> int:
+def _write_part(staged_url: str, part_url: str, id_start: int, schema: pa.Schema) -> int:
     """Copy a staged shard to its memory part with ids id_start.. added in front."""
     table = storage.read_parquet(staged_url)
     ids = pa.array(np.arange(id_start, id_start + table.num_rows, dtype=np.int64))
     table = table.add_column(0, "id", ids).replace_schema_metadata(None).cast(schema)
     storage.write_parquet_atomic(part_url, table)
     return table.num_rows
+
+
+_write_part_task = ray.remote(_write_part)
+
+# Up to this many parts are copied by driver threads: a Ray task's fresh worker first imports
+# this module (torch, open_clip), seconds, where a thread copies a small part in milliseconds.
+# Beyond it the copies' I/O is spread over the cluster's workers instead.
+DRIVER_PARTS_MAX = 64
+
+
+def _write_parts(jobs: list[tuple[str, str, int]], schema: pa.Schema) -> None:
+    """Every staged shard copied to its part with ids: in threads when few, else as Ray tasks."""
+    if len(jobs) <= DRIVER_PARTS_MAX:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda job: _write_part(*job, schema), jobs))
+        return
+    init_ray()
+    ray.get([_write_part_task.remote(*job, schema) for job in jobs])
 
 
 def _staged_stats(url: str, fingerprint: str) -> InputShardStats | None:
@@ -280,9 +297,8 @@ def _finalize(cfg: RecoConfig, out_dir: str, previous: MemoryManifest | None, pe
                      manifest.total_rows))
         manifest.total_rows += stats.written
     if jobs:
-        init_ray()
         start = time.perf_counter()
-        ray.get([_finalize_shard.remote(*job, schema) for job in jobs])
+        _write_parts(jobs, schema)
         log.info("wrote %d memory parts with ids in %.1fs", len(jobs), time.perf_counter() - start)
     manifest.write(out_dir)  # last: its presence means the parts above are complete
     storage.remove(staging, recursive=True)

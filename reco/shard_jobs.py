@@ -1,9 +1,13 @@
-"""Shard jobs on Ray: the finished-shard scan, a Ray Data queue of shards over a pool of actors, resources, one progress bar.
+"""Shard jobs on Ray: the finished-shard scan, a queue of shards over a pool of actors, resources, one progress bar.
 
 `reco embed` and `reco neighbors` both turn input shards into output files, one shard per
 unit of work, on actors that hold something expensive (a model replica, the searchable
 memory). A finished output file carries its own record in its Parquet footer, so a re-run
 finds the finished work with one listing and parallel footer reads, and redoes only the rest.
+
+The pool is a plain `ray.util.ActorPool`, not Ray Data's actor-pool executor: a job is one
+shard name in and one small record out, so Ray Data's blocks, operator graph and executor
+start-up buy nothing here and cost seconds per run (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
-import numpy as np
 import ray
 from pydantic import BaseModel
+from ray.util import ActorPool
 from tqdm import tqdm
 
 from reco import storage
@@ -70,23 +74,28 @@ class ShardActor:
     def process(self, **job: str) -> BaseModel:
         raise NotImplementedError
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        records = [self.process(**{k: str(v) for k, v in row.items()}).model_dump_json() for row in rows]
-        return {"record": np.array(records, dtype=object)}
+    def run(self, job: dict[str, str]) -> str:
+        """One job's record as JSON: the driver validates it into its record type."""
+        return self.process(**job).model_dump_json()
 
 
 def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kwargs: dict,
                    resources: ActorResources, record_type: type[Result], *, desc: str, unit: str = "shard",
                    total: int | None = None, size: Callable[[Result], int] = lambda record: 1) -> Iterator[Result]:
     """Each job's record, as the actors finish them (in any order), with one progress bar
-    advanced by `size(record)` out of `total` (default: one per job)."""
-    ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
-    ds = ds.map_batches(actor, batch_size=1, fn_constructor_kwargs=actor_kwargs,
-                        compute=ray.data.ActorPoolStrategy(size=resources.actors),
-                        num_cpus=resources.cpus, num_gpus=resources.gpus)
-    with tqdm(total=len(jobs) if total is None else total, unit=unit, desc=desc, disable=None) as bar:
-        for row in ds.iter_rows():
-            record = record_type.model_validate_json(row["record"])
-            bar.update(size(record))
-            yield record
+    advanced by `size(record)` out of `total` (default: one per job).
+
+    An actor lost with its node is restarted and its job retried, as Ray Data's pool did.
+    """
+    remote = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_restarts=-1,
+                        max_task_retries=-1, scheduling_strategy="SPREAD")(actor)
+    actors = [remote.remote(**actor_kwargs) for _ in range(resources.actors)]
+    try:
+        with tqdm(total=len(jobs) if total is None else total, unit=unit, desc=desc, disable=None) as bar:
+            for record_json in ActorPool(actors).map_unordered(lambda a, job: a.run.remote(job), jobs):
+                record = record_type.model_validate_json(record_json)
+                bar.update(size(record))
+                yield record
+    finally:
+        for a in actors:  # free their CPUs/GPUs for the next stage now, not at garbage collection
+            ray.kill(a)

@@ -1,0 +1,209 @@
+"""Throughput of embed, index, neighbours and train by corpus size and node count, and a projection to 1B pairs.
+
+    python benchmarks/scaling.py [--sizes 2000,8000,32000] [--nodes 1,2,3] [--cpus-per-node 2]
+                                 [--stages embed,index,neighbors,train] [--write-docs]
+
+For each node count a `ray.cluster_utils.Cluster` of that many Ray nodes is started on
+this machine (on one small machine the nodes share its cores, so more nodes add Ray's
+scheduling across nodes, not compute: read the node columns as overhead, not speed-up).
+Each stage gets one actor, task group or worker per node. Inputs are synthetic: embed
+reads drawn image-caption shards and runs `--model` (default reco-tiny, seeded random
+init); index, neighbours and train start from clustered embedding-like vectors written
+as a memory (no model), each stage reading the previous one's output as in `reco run`.
+Throughput is pairs per second of the whole stage call, start-up included.
+
+With --write-docs the table, the 1B-pair projection and a plot go into
+docs/performance.md (between the scaling markers) and docs/performance.png. The last
+line is each stage's throughput on the most nodes over one node, at the largest size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from common import ROOT, load, median, parser, timed
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from indexing.build import build_index  # noqa: E402
+from indexing.neighbors import neighbors  # noqa: E402
+from pipeline.embed import embed  # noqa: E402
+from reco.config import RecoConfig, config_from_dict  # noqa: E402
+from reco.contracts import MEMORY_DIR, write_memory  # noqa: E402
+from reco.demo import synthetic  # noqa: E402
+from training.train import train  # noqa: E402
+
+STAGES = ("embed", "index", "neighbors", "train")
+DOC = ROOT / "docs" / "performance.md"
+PLOT = ROOT / "docs" / "performance.png"
+BEGIN, END = "<!-- scaling:begin (benchmarks/scaling.py --write-docs) -->", "<!-- scaling:end -->"
+
+# 1B pairs on 8 nodes x 8 GPUs. Per-GPU rates we have not measured (no GPU was lent to
+# these runs) come from the libraries' own published figures; each says where from.
+TARGET_PAIRS, NODES_AT_SCALE, GPUS_PER_NODE = 10**9, 8, 8
+PUBLISHED_PER_GPU = {
+    "embed": (1500.0, "clip-retrieval README: `clip inference` at 1500 samples/s on one RTX 3080 (ViT-B/32)"),
+    "neighbors": (1e9 / (12 * 3600 * 4) / 2, "Johnson et al. 2017 (faiss GPU paper): a 10-NN graph of 1B "
+                  "vectors in < 12 h on 4 Titan X; halved, as a pair searches both modalities"),
+}
+
+
+def stage_config(work: Path, nodes: int, model: str) -> RecoConfig:
+    """One actor, index shard or worker per node; small batches for small corpora."""
+    return config_from_dict({
+        "workdir": str(work),
+        "model": {"name": model},
+        "embed": {"input": str(work / "corpus"), "batch_size": 64, "num_actors": nodes},
+        "index": {"shards": nodes},
+        "neighbors": {"num_actors": nodes},
+        "train": {"num_workers": nodes, "batch_size": 256, "epochs": 1, "warmup_steps": 10,
+                  "checkpoint_every": 10**6, "log_every": 10**6},
+    })
+
+
+def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, d: int) -> dict[str, float]:
+    """Seconds of each stage on `pairs` synthetic pairs."""
+    seconds: dict[str, float] = {}
+    shard_rows = max(100, pairs // 8)  # 8 shards at every size: work for up to 8 actors or index shards
+    if "embed" in stages:
+        work = root / f"embed-{nodes}-{pairs}"
+        synthetic.write_webdataset(synthetic.make_samples(pairs, seed=3), str(work / "corpus"), shard_rows)
+        seconds["embed"] = timed(lambda: embed(stage_config(work, nodes, model)))
+    work = root / f"memory-{nodes}-{pairs}"
+    cfg = stage_config(work, nodes, model)
+    image, text = synthetic.clustered_embeddings(pairs, d, seed=4, clusters=max(8, pairs // 100))
+    write_memory(cfg.path(MEMORY_DIR), image, text, shard_rows=shard_rows)
+    for stage, fn in (("index", build_index), ("neighbors", neighbors), ("train", train)):
+        if stage in stages:
+            seconds[stage] = timed(lambda: fn(cfg))
+    return seconds
+
+
+def run_in_tempdir(nodes: int, pairs: int, args) -> dict[str, float]:
+    root = Path(tempfile.mkdtemp(prefix="reco-bench-scaling-"))
+    try:
+        return run_size(root, nodes, pairs, args.stages, args.model, args.d)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def start_cluster(nodes: int, cpus: int) -> Cluster:
+    """`nodes` Ray nodes on this machine, joined by this driver and by every stage's init_ray."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=cpus)
+    cluster.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = cluster.address
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster
+
+
+def measure(args) -> list[dict]:
+    rows = []
+    for nodes in args.nodes:
+        cluster = start_cluster(nodes, args.cpus_per_node)
+        try:
+            for pairs in args.sizes:
+                runs = [run_in_tempdir(nodes, pairs, args) for _ in range(args.repeats)]
+                for stage in runs[0]:
+                    s = median([r[stage] for r in runs])
+                    rows.append({"stage": stage, "nodes": nodes, "pairs": pairs, "seconds": round(s, 2),
+                                 "pairs_per_s": round(pairs / s, 1), "load": load()})
+                    print(json.dumps(rows[-1]), flush=True)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            os.environ.pop("RAY_ADDRESS")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| stage | nodes | pairs | seconds | pairs/s | load while measured |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['nodes']} | {r['pairs']:,} | {r['seconds']} | {r['pairs_per_s']:,} | {r['load']} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def projection(rows: list[dict]) -> str:
+    """Hours for 1B pairs on 8 nodes x 8 GPUs per stage, from per-GPU rates where known
+    (published), else from this run's one-node rate at its largest size, per node."""
+    gpus = NODES_AT_SCALE * GPUS_PER_NODE
+    lines = ["| stage | rate used | source | hours for 1B pairs on 8 x 8 GPUs |", "|---|---|---|---|"]
+    for stage in sorted({r["stage"] for r in rows}, key=STAGES.index):
+        if stage in PUBLISHED_PER_GPU:
+            rate, source = PUBLISHED_PER_GPU[stage]
+            total = rate * gpus
+            used = f"{rate:,.0f} pairs/s per GPU x {gpus}"
+        else:
+            one = max((r for r in rows if r["stage"] == stage and r["nodes"] == 1), key=lambda r: r["pairs"])
+            total = one["pairs_per_s"] * NODES_AT_SCALE
+            used = f"{one['pairs_per_s']:,.0f} pairs/s per node x {NODES_AT_SCALE} (CPU, linear)"
+            source = (f"measured here, 1 node of {one['load'].split(' on ')[-1]}, {one['pairs']:,} pairs; "
+                      "no GPU figure: a lower bound on speed")
+        lines.append(f"| {stage} | {used} | {source} | {TARGET_PAIRS / total / 3600:,.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = sorted({r["stage"] for r in rows}, key=STAGES.index)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for nodes in sorted({r["nodes"] for r in rows}):
+            pts = sorted((r["pairs"], r["pairs_per_s"]) for r in rows if r["stage"] == stage and r["nodes"] == nodes)
+            ax.plot(*zip(*pts), marker="o", label=f"{nodes} node{'s' * (nodes > 1)}")
+        ax.set(title=stage, xscale="log", xlabel="pairs", ylabel="pairs/s (whole stage)")
+        ax.legend()
+    fig.suptitle("reco stage throughput (Ray nodes sharing one machine's cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_docs(rows: list[dict], args) -> None:
+    section = (f"{BEGIN}\nMeasured by `python benchmarks/scaling.py --sizes "
+               f"{','.join(map(str, args.sizes))} --nodes {','.join(map(str, args.nodes))} --cpus-per-node "
+               f"{args.cpus_per_node} --repeats {args.repeats}` (embed model {args.model}; d={args.d} elsewhere). "
+               f"All nodes share one machine of {os.cpu_count()} CPUs.\n\n{table(rows)}\n\n"
+               f"![throughput by corpus size and nodes](performance.png)\n\n"
+               f"Projection to 1B pairs on 8 nodes x 8 GPUs:\n\n{projection(rows)}\n{END}")
+    text = DOC.read_text()
+    DOC.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S))
+    plot(rows, PLOT)
+
+
+def scaling_line(rows: list[dict]) -> str:
+    most, largest = max(r["nodes"] for r in rows), max(r["pairs"] for r in rows)
+    rate = {(r["stage"], r["nodes"]): r["pairs_per_s"] for r in rows if r["pairs"] == largest}
+    parts = [f"{s} {rate[s, most] / rate[s, 1]:.2f}" for s in STAGES if (s, 1) in rate and (s, most) in rate]
+    return f"scaling {most} nodes / 1 node at {largest:,} pairs: " + ", ".join(parts)
+
+
+def main() -> None:
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    p = parser(__doc__, repeats=1)
+    p.add_argument("--sizes", type=ints, default=[2000, 8000, 32000])
+    p.add_argument("--nodes", type=ints, default=[1, 2, 3])
+    p.add_argument("--cpus-per-node", type=int, default=2)
+    p.add_argument("--stages", type=lambda t: t.split(","), default=list(STAGES))
+    p.add_argument("--model", default="reco-tiny")
+    p.add_argument("--d", type=int, default=512, help="width of the synthetic embeddings")
+    p.add_argument("--write-docs", action="store_true")
+    args = p.parse_args()
+    rows = measure(args)
+    if args.write_docs:
+        write_docs(rows, args)
+    print(scaling_line(rows))
+
+
+if __name__ == "__main__":
+    main()
