@@ -4,7 +4,7 @@
 
 Writes a memory of clustered, embedding-like pairs and indexes it once with `reco index`.
 Then, each repeat, every memory pair is a query, in both modalities:
-- ours: `neighbors(cfg)` end to end (Ray Data actor holding the memory, search with
+- ours: `neighbors(cfg)` end to end (shard-job actors holding the memory, search with
   k + margin, drop the pair itself and image near-duplicates, gather the cross-modal
   embeddings, write Parquet neighbour shards + manifest);
 - bare: read the queries from the memory Parquet, `index.search(queries, k)` on the same

@@ -3,7 +3,7 @@
 For each dataset of `evaluate.datasets`:
 
 1. prepare: the set is written once as webdataset shards (evaluation/datasets.py);
-2. embed: its images with the embed stage's own code (`embed_shards`, Ray Data), in
+2. embed: its images with the encoder `reco embed` uses (`reco.encode.embed_shards`), in
    float32; class prompts or captions with the frozen text tower (a Ray task);
 3. de-duplicate: every memory pair whose image has cosine > `neighbors.dedup_threshold`
    with a test image (the index proposes candidates, their stored image embeddings are
@@ -119,7 +119,7 @@ def _texts_of(ds: EvalSet) -> list[str]:
 
 def embed_images(cfg: RecoConfig, shards: list[str]) -> dict[str, tuple[list[str], np.ndarray, int]]:
     """Input shard -> (keys, (n, d) image embeddings, samples skipped), embedded with the embed
-    stage's own code: every set in one Ray Data run, so small sets share the model replicas."""
+    stage's own code: every set in one shard-job run, so small sets share the model replicas."""
     # float32: eval sets are small, and the baseline must equal clip_benchmark's exactly.
     eval_cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"dtype": "float32"})})
     out_dir = cfg.path(EVAL_DIR, EVAL_EMBEDDINGS_DIR)

@@ -6,7 +6,7 @@ keeps their IMAGES (`nn_image`). The ablations: `neighbors.search=cross` searche
 other modality's index instead; `train.fuse=uni` also keeps the neighbours' own-modality
 embeddings (`nn_image_uni`, `nn_text_uni`). The pair itself (by id) and every memory pair whose
 image nearly copies the query's image are left out of both; identical captions are not
-duplicates. The unit of work is one input shard: a Ray Data actor searches it and writes
+duplicates. The unit of work is one input shard: an actor (reco/shard_jobs.py) searches it and writes
 one output shard, so a re-run only redoes missing shards; the manifest is written last.
 A sharded memory, or a cluster of several nodes, is searched through the memory service
 (`reco.search.memory_service`: one Ray actor per index shard), started once by the driver
@@ -54,7 +54,7 @@ def writes_uni(cfg: RecoConfig) -> bool:
 
 
 class ShardSearcher(ShardActor):
-    """A Ray Data actor searching the memory (the service's client, or its own in-process
+    """An actor searching the memory (the service's client, or its own in-process
     copy when `memory` is None); turns input shards into neighbour shards."""
 
     def __init__(self, cfg_json: str, input_dir: str, out_dir: str, fingerprint: str, threads: int,

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from reco import storage
-from reco.cluster import cluster_gpus, init_ray
+from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import InputShardStats, MemoryManifest, MemoryShard, SkipStats, embedding_array, memory_schema
 from reco.models import embed_dim, load_clip, validate_model_config
