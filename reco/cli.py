@@ -57,12 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUR_PACKAGES = ("reco", "pipeline", "indexing", "training", "evaluation")
+
+
 def _setup_logging(verbose: bool) -> None:
     """Our progress at INFO; Ray's internals only with -v (reco.cluster.quiet_ray_logging)."""
     from reco.cluster import VERBOSE_ENV, quiet_ray_logging
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    # The root logger stays at WARNING: libraries that log to it (open_clip's model-creation
+    # INFO lines) would otherwise fill the console; our own packages log at INFO.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in OUR_PACKAGES:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # inherited by the local Ray's workers too
     quiet_ray_logging()

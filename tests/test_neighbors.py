@@ -199,7 +199,7 @@ def test_shard_search_follows_the_ablation_settings(workdir, tmp_path):
 
     def shard(cfg) -> pq.ParquetFile:
         fingerprint = _fingerprint(cfg, memory_dir, 0)
-        ShardSearcher(cfg.model_dump_json(), memory_dir, str(tmp_path), fingerprint, 1).process(
+        ShardSearcher(cfg.model_dump_json(), memory_dir, str(tmp_path), fingerprint, 1, None).process(
             f"{memory_dir}/part-00000.parquet", "out.parquet")
         return pq.read_table(tmp_path / "out.parquet"), fingerprint
 
