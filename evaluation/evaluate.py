@@ -11,8 +11,11 @@ For each dataset of `evaluate.datasets`:
    counts them);
 4. refine: class/caption embeddings by phi_text over the images of their text->text
    neighbours, test images by phi_image over the texts of their image->image neighbours
-   (`reco.search.retrieve`); the fusion model trained without retrieval, if
-   present, gives the `no_retrieval` column with the same modules fed no neighbours;
+   (`reco.search.retrieve`). Beside it, every report has the parameter-free `mean`
+   column (the normalised mean of the same neighbours: what the fusion must beat to earn
+   its parameters) and, when present, the `no_retrieval` control (the same modules fed no
+   neighbours); with `evaluate.ablations` also each variant of `ABLATIONS`, retrieving
+   as it was trained, and RECO over a `evaluate.memory_fraction` share of the memory;
 5. measure top-1/top-5 or recall@1/5/10 for each and write `<workdir>/eval/report.*`.
 """
 
@@ -31,12 +34,12 @@ from evaluation.metrics import class_embeddings, retrieval_recall, topk_accuracy
 from evaluation.report import write_report
 from reco import storage
 from reco.cluster import cluster_gpus, init_ray
-from reco.config import ConfigError, RecoConfig
+from reco.config import ABLATIONS, ConfigError, RecoConfig
 from reco.contracts import (EVAL_DIR, EVAL_EMBEDDINGS_DIR, FUSION_META, MANIFEST, MEMORY_DIR, MODALITIES,
                             MemoryManifest, embeddings_to_numpy, fusion_model_dir, index_folder)
 from reco.depends import stage_depends
 from reco.encode import embed_shards, encode_texts
-from reco.fusion import load_fusion, refine
+from reco.fusion import MeanFusion, RecoFusion, load_fusion, refine
 from reco.models import embed_dim, validate_model_config
 from reco.search import MemoryIndex, memory_service, near_duplicate_ids, neighbour_embeddings
 
@@ -65,16 +68,17 @@ def check_evaluate(cfg: RecoConfig) -> None:
     for spec in cfg.evaluate.datasets:
         check_dataset(spec)
     validate_model_config(cfg.model)
+    check_ablations(cfg)
     # The trained model first: it is what a user is most likely to lack, and it implies the rest.
-    meta_url = storage.join(fusion_model_dir(cfg.workdir), FUSION_META)
-    if not storage.exists(meta_url):
-        raise ConfigError(f"workdir: no trained fusion model at {fusion_model_dir(cfg.workdir)} ({FUSION_META} "
-                          "missing); run `reco train` first")
-    d = storage.read_json(meta_url)["d"]
+    model_dir = fusion_model_dir(cfg.workdir, cfg.variant)
+    if not storage.exists(storage.join(model_dir, FUSION_META)):
+        raise ConfigError(f"workdir: no trained fusion model at {model_dir} ({FUSION_META} missing); run "
+                          "`reco train` first")
+    d = storage.read_json(storage.join(model_dir, FUSION_META))["d"]
     if d != embed_dim(cfg.model):
-        raise ConfigError(f"model: the fusion model at {fusion_model_dir(cfg.workdir)} has width {d}, "
+        raise ConfigError(f"model: the fusion model at {model_dir} has width {d}, "
                           f"{cfg.model.name} embeds in {embed_dim(cfg.model)}")
-    check_control(cfg.workdir)
+    check_variants(cfg)
     memory = MemoryManifest.read(cfg.path(MEMORY_DIR))
     if memory is None:
         raise ConfigError(f"workdir: no finished memory at {cfg.path(MEMORY_DIR)}; run `reco embed` first")
@@ -87,26 +91,47 @@ def check_evaluate(cfg: RecoConfig) -> None:
             raise ConfigError(f"workdir: no finished index ({url} missing); run `reco index` first")
 
 
-CONTROL_MAY_DIFFER = {"k", "retrieval", "fuse", "search"}
-"""Training-fingerprint keys in which the no-retrieval control differs from RECO by design:
-it sees no neighbours, so how they would be searched and fused does not reach it."""
+VARIANT_MAY_DIFFER = {"no_retrieval": {"k", "retrieval", "fuse", "search"},
+                      "search_cross": {"search", "generation"}, "fuse_uni": {"fuse"}}
+"""Training-fingerprint keys in which each variant differs from RECO by design (the
+control sees no neighbours, so how they would be searched and fused does not reach it;
+cross-modal search trains on its own neighbour split); every other key must be equal."""
 
 
-def check_control(workdir: str) -> None:
-    """The `no_retrieval` column is only a control for a RECO model trained on the same split
-    with the same config; another one beside it would compare two different runs."""
-    control_meta = storage.join(fusion_model_dir(workdir, retrieval=False), FUSION_META)
-    if not storage.exists(control_meta):
-        return
-    ours, theirs = ({k: v for k, v in storage.read_json(url).get("fingerprint", {}).items()
-                     if k not in CONTROL_MAY_DIFFER}
-                    for url in (storage.join(fusion_model_dir(workdir), FUSION_META), control_meta))
-    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-    if diff:
-        differ = ", ".join(f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} for RECO" for k in diff)
-        raise ConfigError(f"workdir: the no-retrieval model at {fusion_model_dir(workdir, retrieval=False)} was "
-                          f"trained with other settings than the RECO model ({differ}); retrain it with "
-                          "train.retrieval=false and the RECO model's config, or delete it")
+def check_ablations(cfg: RecoConfig) -> None:
+    if cfg.evaluate.ablations and cfg.variant != "reco":
+        raise ConfigError(f"evaluate.ablations: the ablations are variants of RECO's own settings "
+                          f"(neighbors.search=uni, train.fuse=cross, train.retrieval=true), but this config "
+                          f"trains the variant {cfg.variant}; restore those settings")
+
+
+def compared_variants(cfg: RecoConfig) -> list[str]:
+    """The variants evaluated beside RECO: every ablation with `evaluate.ablations`, else the
+    no-retrieval control where one was trained."""
+    if cfg.evaluate.ablations:
+        return list(ABLATIONS)
+    control = storage.join(fusion_model_dir(cfg.workdir, "no_retrieval"), FUSION_META)
+    return ["no_retrieval"] if storage.exists(control) else []
+
+
+def check_variants(cfg: RecoConfig) -> None:
+    """A variant's column is only an ablation of a RECO model trained on the same pairs with
+    the same config; another one beside it would compare two different runs."""
+    ours = storage.read_json(storage.join(fusion_model_dir(cfg.workdir, cfg.variant), FUSION_META))
+    for variant in compared_variants(cfg):
+        model_dir = fusion_model_dir(cfg.workdir, variant)
+        url = storage.join(model_dir, FUSION_META)
+        if not storage.exists(url):
+            raise ConfigError(f"evaluate.ablations: no trained {variant} model at {model_dir}; `reco run` "
+                              f"trains every ablation (or `reco train` with {' '.join(ABLATIONS[variant])})")
+        mine, theirs = ({k: v for k, v in meta.get("fingerprint", {}).items() if k not in VARIANT_MAY_DIFFER[variant]}
+                        for meta in (ours, storage.read_json(url)))
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if diff:
+            differ = ", ".join(f"{k}={theirs.get(k)!r} there, {mine.get(k)!r} for RECO" for k in diff)
+            raise ConfigError(f"workdir: the {variant} model at {model_dir} was trained with other settings "
+                              f"than the RECO model ({differ}); retrain it with {' '.join(ABLATIONS[variant])} "
+                              "and the RECO model's config, or delete it")
 
 
 # -- embedding -----------------------------------------------------------------------------
@@ -176,19 +201,46 @@ def _score(ds: EvalSet, emb: Embedded, images: np.ndarray, texts: np.ndarray) ->
     return retrieval_recall(images, texts, emb.text_image)
 
 
-def evaluate_set(ds: EvalSet, emb: Embedded, memory: MemoryIndex, fusion, control, k: int,
-                 threshold: float) -> tuple[list[dict[str, Any]], int]:
-    """(result rows, memory pairs excluded as near-duplicates of this set's images)."""
+def memory_subset_exclusion(ntotal: int, fraction: float, seed: int) -> np.ndarray:
+    """The ids left out for the memory-size ablation: all but a seeded random `fraction`."""
+    return np.flatnonzero(np.random.default_rng(seed).random(ntotal) >= fraction)
+
+
+def evaluate_set(ds: EvalSet, emb: Embedded, memory: MemoryIndex, models: dict[str, tuple[RecoFusion, dict]],
+                 k: int, threshold: float, subset: tuple[str, np.ndarray] | None = None
+                 ) -> tuple[list[dict[str, Any]], int]:
+    """(result rows, memory pairs excluded as near-duplicates of this set's images). `models`:
+    column -> (fusion model, its metadata), `reco` first; `subset`: (column, ids left out) of
+    the memory-size ablation, refined by RECO's model."""
     exclude = near_duplicate_ids(memory, emb.images, threshold)
-    how = dict(search=fusion.search, fuse=fusion.fuse)
-    image_ids, image_tokens = neighbour_embeddings(memory, emb.images, "image", k, exclude, threshold, **how)
-    text_ids, text_tokens = neighbour_embeddings(memory, emb.texts, "text", k, exclude, threshold, **how)
-    scores = {"baseline": _score(ds, emb, emb.images, emb.texts),
-              "reco": _score(ds, emb, refine(fusion.image, emb.images, image_tokens, image_ids),
-                             refine(fusion.text, emb.texts, text_tokens, text_ids))}
-    if control is not None:
-        scores["no_retrieval"] = _score(ds, emb, refine(control.image, emb.images, None),
-                                        refine(control.text, emb.texts, None))
+    retrieved: dict[tuple, tuple] = {}
+
+    def refined(fusion: RecoFusion, modules: tuple | None = None, without: np.ndarray = exclude):
+        """`fusion`'s refinement (or `modules`' over the neighbours `fusion` retrieves); each
+        retrieval (search, fuse, exclusion) runs once, shared by the columns that use it."""
+        key = (fusion.search, fusion.fuse, len(without))
+        if key not in retrieved:
+            retrieved[key] = tuple(neighbour_embeddings(memory, queries, modality, k, without, threshold,
+                                                        search=fusion.search, fuse=fusion.fuse)
+                                   for queries, modality in ((emb.images, "image"), (emb.texts, "text")))
+        (image_ids, image_tokens), (text_ids, text_tokens) = retrieved[key]
+        image_module, text_module = modules or (fusion.image, fusion.text)
+        return (refine(image_module, emb.images, image_tokens, image_ids),
+                refine(text_module, emb.texts, text_tokens, text_ids))
+
+    scores = {"baseline": _score(ds, emb, emb.images, emb.texts)}
+    for column, (fusion, meta) in models.items():
+        if meta.get("retrieval", True):
+            scores[column] = _score(ds, emb, *refined(fusion))
+        else:  # the control: the same modules fed no neighbours
+            scores[column] = _score(ds, emb, refine(fusion.image, emb.images, None),
+                                    refine(fusion.text, emb.texts, None))
+    reco = models["reco"][0]
+    if reco.fuse != "mean":  # the parameter-free reference over RECO's own neighbours
+        scores["mean"] = _score(ds, emb, *refined(reco, (MeanFusion(), MeanFusion())))
+    if subset is not None:
+        column, left_out = subset
+        scores[column] = _score(ds, emb, *refined(reco, without=np.union1d(exclude, left_out)))
     rows = [{"task": ds.task, "dataset": ds.name, "metric": metric, "n": int(len(emb.images)),
              **{system: round(s[metric], 2) for system, s in scores.items()}}
             for metric in scores["baseline"]]
@@ -212,14 +264,19 @@ def evaluate(cfg: RecoConfig) -> dict[str, Any]:
     # actors also stop when the last handle goes, should an error leave `close` uncalled.
     memory = (memory_service(cfg.workdir, cfg.index, use_gpu=cfg.index.use_gpu)
               or MemoryIndex.open(cfg.workdir, use_gpu=cfg.index.use_gpu))
-    fusion, meta = load_fusion(fusion_model_dir(cfg.workdir))
-    control_dir = fusion_model_dir(cfg.workdir, retrieval=False)
-    control = load_fusion(control_dir)[0] if storage.exists(storage.join(control_dir, FUSION_META)) else None
+    model_dirs = {"reco": fusion_model_dir(cfg.workdir, cfg.variant),
+                  **{v: fusion_model_dir(cfg.workdir, v) for v in compared_variants(cfg)}}
+    models = {column: load_fusion(model_dir) for column, model_dir in model_dirs.items()}
+    meta = models["reco"][1]
     k = cfg.evaluate.k or meta.get("k") or cfg.neighbors.k
     threshold = cfg.neighbors.dedup_threshold
+    subset = None
+    if cfg.evaluate.ablations:
+        subset = (f"memory_{cfg.evaluate.memory_fraction:g}",
+                  memory_subset_exclusion(memory.ntotal, cfg.evaluate.memory_fraction, cfg.seed))
     results, datasets = [], []
     for ds, emb in zip(sets, embedded):
-        rows, excluded = evaluate_set(ds, emb, memory, fusion, control, k, threshold)
+        rows, excluded = evaluate_set(ds, emb, memory, models, k, threshold, subset)
         results += rows
         datasets.append({"dataset": ds.name, "task": ds.task, "samples": int(len(emb.images)),
                          "skipped": emb.skipped, "classes": len(ds.classnames),
@@ -229,7 +286,8 @@ def evaluate(cfg: RecoConfig) -> dict[str, Any]:
     memory.close()
     seconds["retrieve_refine_score"] = round(time.perf_counter() - t, 2)
     config = {"model": cfg.model.model_dump(), "memory_pairs": int(memory.ntotal), "k": int(k),
-              "dedup_threshold": threshold, "fusion_model": fusion_model_dir(cfg.workdir),
-              "fusion_steps": meta.get("steps"), "no_retrieval_model": control_dir if control else None,
+              "dedup_threshold": threshold, "fusion_model": model_dirs["reco"], "fusion_steps": meta.get("steps"),
+              "variant_models": {v: d for v, d in model_dirs.items() if v != "reco"},
+              "memory_fraction": cfg.evaluate.memory_fraction if subset else None,
               "seed": cfg.seed, "seconds": seconds, "depends": depends}
     return write_report(cfg.path(EVAL_DIR), results, datasets, config)

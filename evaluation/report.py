@@ -1,7 +1,8 @@
 """`<workdir>/eval/report.json`, `report.md` and `report.png` (DESIGN.md section 4).
 
-report.json: {"results": [{"task", "dataset", "metric", "baseline", "reco",
-"no_retrieval"?, "n"}], "datasets": [...], "config": {...}}; numbers are percentages.
+report.json: {"results": [{"task", "dataset", "metric", "n", "baseline", "reco", "mean",
+and, where evaluated, "no_retrieval", "search_cross", "fuse_uni", "memory_<fraction>"}],
+"datasets": [...], "config": {...}}; numbers are percentages.
 report.md is the same as a table with RECO's difference to the baseline; report.png a
 grouped bar chart, one group per dataset and metric.
 """
@@ -14,12 +15,18 @@ from typing import Any
 from reco import storage
 
 SYSTEMS = (("baseline", "frozen CLIP", "#9e9e9e"), ("reco", "RECO", "#1f77b4"),
-           ("no_retrieval", "fusion without retrieval", "#ff7f0e"))
+           ("mean", "mean of neighbours", "#17becf"), ("search_cross", "cross-modal search", "#9467bd"),
+           ("fuse_uni", "uni-modal fusion", "#8c564b"), ("no_retrieval", "fusion without retrieval", "#ff7f0e"))
+MEMORY_COLOUR = "#2ca02c"
+"""The memory-size ablation's column, `memory_<fraction>`."""
 REPORT_FILES = ("report.json", "report.md", "report.png")
 
 
 def _present(results: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    return [s for s in SYSTEMS if any(s[0] in r for r in results)]
+    systems = [s for s in SYSTEMS if any(s[0] in r for r in results)]
+    subsets = sorted({key for r in results for key in r if key.startswith("memory_")})
+    return systems + [(key, f"RECO, {float(key.removeprefix('memory_')):.0%} of memory", MEMORY_COLOUR)
+                      for key in subsets]
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
@@ -36,7 +43,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 def _markdown(report: dict[str, Any]) -> str:
     parts = ["# RECO evaluation", "", "Percentages; the baseline is the frozen CLIP, RECO the same "
-             "CLIP refined with the memory.", "", markdown_table(report["results"]), ""]
+             "CLIP refined with the memory; the mean of neighbours is the parameter-free reference "
+             "RECO's fusion must beat (docs/evaluation.md names every column).", "",
+             markdown_table(report["results"]), ""]
     for d in report["datasets"]:
         parts.append(f"- {d['dataset']}: {d['samples']} samples evaluated ({d['skipped']} unreadable, "
                      f"skipped); {d['memory_excluded']} memory pairs excluded as near-duplicates of "

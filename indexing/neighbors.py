@@ -44,13 +44,7 @@ def _fingerprint(cfg: RecoConfig, input_dir: str, index_generation: int) -> str:
     re-indexed) makes every shard stale."""
     n = cfg.neighbors
     return json.dumps({"input": input_dir, "k": n.k, "dedup_threshold": n.dedup_threshold,
-                       "search": n.search, "uni": writes_uni(cfg), "index_generation": index_generation})
-
-
-def writes_uni(cfg: RecoConfig) -> bool:
-    """Whether the shards hold the neighbours' same-modality embeddings too: only `train.fuse=uni`
-    reads them, and they would double the shards' size for every other setting."""
-    return cfg.train.fuse == "uni"
+                       "search": n.search, "uni": cfg.writes_uni, "index_generation": index_generation})
 
 
 class ShardSearcher(ShardActor):
@@ -83,13 +77,13 @@ class ShardSearcher(ShardActor):
             nn_image_ids, nn_image = retrieve(self.memory, text, "text", **common)
             short += int(((nn_text_ids < 0).any(1) | (nn_image_ids < 0).any(1)).sum())
             uni = ((self.memory.fetch(nn_text_ids, "image"), self.memory.fetch(nn_image_ids, "text"))
-                   if writes_uni(self.cfg) else None)
+                   if self.cfg.writes_uni else None)
             parts.append(neighbors_table(ids, rows["key"].to_pylist(), image, text, nn_text_ids, nn_text,
                                          nn_image_ids, nn_image, dtype, uni))
         shard = NeighborsShard(path=path, rows=table.num_rows, source=source, short=short,
                                seconds=round(time.perf_counter() - t0, 3))
         out = pa.concat_tables(parts) if parts else \
-            neighbors_schema(self.memory.d, n.k, dtype, writes_uni(self.cfg)).empty_table()
+            neighbors_schema(self.memory.d, n.k, dtype, self.cfg.writes_uni).empty_table()
         out = out.replace_schema_metadata({META_KEY: json.dumps({"fingerprint": self.fingerprint,
                                                                  "shard": shard.model_dump(mode="json")})})
         storage.write_parquet_atomic(storage.join(self.out_dir, path), out)
@@ -171,7 +165,7 @@ def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     input_dir = cfg.neighbors.input or cfg.path(MEMORY_DIR)
     queries, generation = _validate(cfg, input_dir)
     depends = stage_depends(cfg, "neighbors")
-    out_dir = neighbors_folder(cfg.workdir, cfg.neighbors.split)
+    out_dir = neighbors_folder(cfg.workdir, cfg.neighbors.split, cfg.neighbors.search)
     fingerprint = _fingerprint(cfg, input_dir, generation)
     jobs = [(storage.join(input_dir, s.path), s.path) for s in queries.shards]
     done = find_finished(out_dir, [path for _, path in jobs], lambda url: _finished(url, fingerprint))
@@ -191,7 +185,7 @@ def neighbors(cfg: RecoConfig) -> NeighborsManifest:
     manifest = NeighborsManifest(
         split=cfg.neighbors.split, input=input_dir, model=queries.model, pretrained=queries.pretrained,
         d=queries.d, k=cfg.neighbors.k, dtype=queries.dtype, dedup_threshold=cfg.neighbors.dedup_threshold,
-        search=cfg.neighbors.search, uni=writes_uni(cfg), shards=shards, total_rows=sum(s.rows for s in shards),
+        search=cfg.neighbors.search, uni=cfg.writes_uni, shards=shards, total_rows=sum(s.rows for s in shards),
         short=sum(s.short for s in shards), depends=depends)
     if manifest == NeighborsManifest.read(out_dir):
         log.info("%s is up to date (%d queries)", out_dir, manifest.total_rows)

@@ -24,6 +24,9 @@ QUIET_LEVELS = {
     "ray._private.authentication": logging.ERROR,  # "Token authentication is enabled ..."
     # Repeated while the State API has no dashboard to ask (we start Ray without one).
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    # Ray Train V2 names this logger by its file's path, outside the "ray" tree: it logs
+    # "Reporting training result ..." at every checkpoint.
+    os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py"): logging.WARNING,
     "faiss": logging.WARNING,
     "autofaiss": logging.WARNING,
 }

@@ -241,6 +241,13 @@ class EvaluateConfig(Section):
     """Neighbours retrieved per query; default: the k the fusion model was trained with."""
     batch_size: int = Field(256, gt=0)
     """Texts (class prompts, captions) encoded per forward pass."""
+    ablations: bool = False
+    """The paper's ablations as columns beside `reco`: `reco run` also trains the fusion
+    model of each variant of `ABLATIONS` (cross-modal search, uni-modal fusion, no
+    retrieval), and the report adds `memory_fraction`'s memory-size ablation."""
+    memory_fraction: float = Field(0.1, gt=0, lt=1)
+    """With `ablations`: RECO retrieving from only this share of the memory (a seeded random
+    subset of its pairs), the report's `memory_<fraction>` column."""
 
 
 class ServeConfig(Section):
@@ -296,6 +303,23 @@ class RecoConfig(Section):
     def path(self, *parts: str) -> str:
         """`<workdir>/<parts...>` as a URL or path string."""
         return "/".join([self.workdir.rstrip("/"), *parts])
+
+    @property
+    def variant(self) -> str:
+        """The fusion model these settings train, as the report names it: `reco` (uni-modal
+        search, cross-modal fusion, the paper's method) or the ablation they make."""
+        if not self.train.retrieval:
+            return "no_retrieval"
+        parts = [name for name, on in (("search_cross", self.neighbors.search == "cross"),
+                                       ("fuse_uni", self.train.fuse == "uni"),
+                                       ("mean", self.train.fuse == "mean")) if on]
+        return "+".join(parts) or "reco"
+
+    @property
+    def writes_uni(self) -> bool:
+        """Whether `reco neighbors` stores the neighbours' same-modality embeddings too:
+        `train.fuse=uni` fuses them, and the ablations train that variant on the same split."""
+        return self.train.fuse == "uni" or self.evaluate.ablations
 
 
 def _parse_yaml(text: str, source: str) -> Any:
@@ -364,6 +388,20 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] = (), source: st
         return RecoConfig.model_validate(data)
     except ValidationError as err:
         raise _explain(err, source) from None
+
+
+ABLATIONS: dict[str, list[str]] = {
+    "search_cross": ["neighbors.search=cross"],
+    "fuse_uni": ["train.fuse=uni"],
+    "no_retrieval": ["train.retrieval=false"],
+}
+"""The paper's ablations (Table 5, Figure 3) as overrides of RECO's config: each trains its own
+fusion model (`<workdir>/train/model-<variant>/`) on the same pairs with the same settings."""
+
+
+def ablation_config(cfg: RecoConfig, variant: str) -> RecoConfig:
+    """`cfg` with the overrides of one of `ABLATIONS`."""
+    return config_from_dict(cfg.model_dump(mode="json"), ABLATIONS[variant], source=f"ablation {variant}")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RecoConfig:

@@ -326,23 +326,26 @@ class NeighborsManifest(Manifest):
     search: Literal["uni", "cross"] = "uni"
     """`neighbors.search`: which memory index each query searched."""
     uni: bool = False
-    """The shards also hold nn_image_uni and nn_text_uni (written for `train.fuse=uni`)."""
+    """The shards also hold nn_image_uni and nn_text_uni (`RecoConfig.writes_uni`)."""
     shards: list[NeighborsShard] = Field(default_factory=list)
     total_rows: int = 0
     short: int = 0
 
 
-def neighbors_folder(workdir: str, split: str) -> str:
-    return storage.join(workdir, NEIGHBORS_DIR, split)
+def neighbors_folder(workdir: str, split: str, search: str = "uni") -> str:
+    """`neighbors/<split>/`; a cross-modal search (an ablation) writes `neighbors/<split>-searchcross/`
+    beside it, so both can be trained on."""
+    return storage.join(workdir, NEIGHBORS_DIR, split if search == "uni" else f"{split}-search{search}")
 
 
 # ---------------------------------------------------------------- train/ (reco train)
 
-def fusion_model_name(retrieval: bool) -> str:
-    """The folder under `<workdir>/train/` of RECO's fusion model, or of the no-retrieval control."""
-    return "model" if retrieval else "model-noretrieval"
+def fusion_model_name(variant: str = "reco") -> str:
+    """The folder under `<workdir>/train/` of a fusion model: `model` for RECO, `model-<variant>`
+    for an ablation (`RecoConfig.variant`), e.g. `model-noretrieval` for the control."""
+    return "model" if variant == "reco" else "model-" + variant.replace("_", "")
 
 
-def fusion_model_dir(workdir: str, retrieval: bool = True) -> str:
+def fusion_model_dir(workdir: str, variant: str = "reco") -> str:
     """Holds `fusion.pt` and, written after it, `config.json` (d, heads, k, steps, config)."""
-    return storage.join(workdir, TRAIN_DIR, fusion_model_name(retrieval))
+    return storage.join(workdir, TRAIN_DIR, fusion_model_name(variant))

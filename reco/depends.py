@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from reco import storage
-from reco.config import RecoConfig
+from reco.config import ABLATIONS, RecoConfig
 from reco.contracts import (CORPUS_DIR, EVAL_DIR, FUSION_META, MEMORY_DIR, CorpusManifest, IndexManifest,
                             Manifest, MemoryManifest, NeighborsManifest, fusion_model_dir, index_folder,
                             neighbors_folder)
@@ -106,14 +106,13 @@ def _index(cfg: RecoConfig) -> Depends:
 
 def _neighbors(cfg: RecoConfig) -> Depends:
     queries = cfg.neighbors.input or cfg.path(MEMORY_DIR)
-    # train.fuse=uni makes the stage write the neighbours' same-modality embeddings too
     return {"config": {**_section("neighbors", cfg.neighbors, NEIGHBORS_RUNTIME),
-                       "train.fuse=uni": cfg.train.fuse == "uni"},
+                       "neighbors.uni_columns": cfg.writes_uni},
             "inputs": {"index.generation": _index_generation(cfg), **_memory_generation(queries, "queries")}}
 
 
 def _train(cfg: RecoConfig) -> Depends:
-    split = NeighborsManifest.read(neighbors_folder(cfg.workdir, cfg.train.split))
+    split = NeighborsManifest.read(neighbors_folder(cfg.workdir, cfg.train.split, cfg.neighbors.search))
     return {"config": {**_section("train", cfg.train, TRAIN_RUNTIME), "seed": cfg.seed},
             "inputs": {"neighbors.generation": neighbors_generation(split)}}
 
@@ -123,8 +122,10 @@ def _evaluate(cfg: RecoConfig) -> Depends:
                        "neighbors.dedup_threshold": cfg.neighbors.dedup_threshold},
             "inputs": {**_memory_generation(cfg.path(MEMORY_DIR), "memory"),
                        "index.generation": _index_generation(cfg),
-                       "model.generation": model_generation(fusion_model_dir(cfg.workdir)),
-                       "control.generation": model_generation(fusion_model_dir(cfg.workdir, retrieval=False))}}
+                       "model.generation": model_generation(fusion_model_dir(cfg.workdir, cfg.variant)),
+                       # every variant a column could come from, trained or not
+                       **{f"{variant}.generation": model_generation(fusion_model_dir(cfg.workdir, variant))
+                          for variant in ABLATIONS}}}
 
 
 _STAGES = {"download": _download, "index": _index, "neighbors": _neighbors, "train": _train,
@@ -141,14 +142,14 @@ def stage_depends(cfg: RecoConfig, stage: str, sources: list[str] | None = None)
 def recorded_depends(cfg: RecoConfig, stage: str) -> Depends | None:
     """What `stage` recorded with its finished output, or None when there is none."""
     if stage == "train":
-        url = storage.join(fusion_model_dir(cfg.workdir, cfg.train.retrieval), FUSION_META)
+        url = storage.join(fusion_model_dir(cfg.workdir, cfg.variant), FUSION_META)
         return storage.read_json(url).get("depends") if storage.exists(url) else None
     if stage == "evaluate":
         url = cfg.path(EVAL_DIR, REPORT)
         return storage.read_json(url)["config"].get("depends") if storage.exists(url) else None
     folder = {"download": cfg.download.output or cfg.path(CORPUS_DIR), "embed": cfg.path(MEMORY_DIR),
               "index": index_folder(cfg.workdir, "image"),
-              "neighbors": neighbors_folder(cfg.workdir, cfg.neighbors.split)}[stage]
+              "neighbors": neighbors_folder(cfg.workdir, cfg.neighbors.split, cfg.neighbors.search)}[stage]
     manifest = MANIFEST_TYPES[stage].read(folder)
     return (manifest.depends or None) if manifest else None
 

@@ -6,20 +6,21 @@ now; otherwise it runs, which, as every stage resumes its own finished work, may
 little. A re-made output has a new generation, so a changed key re-runs its stage and
 those after it: a changed `neighbors.k` re-runs neighbours, train (replacing the model)
 and evaluate, not download, embed or index. Without `download.url_list`, the corpus
-comes from `embed.input` and download is skipped.
+comes from `embed.input` and download is skipped. With `evaluate.ablations`, each
+variant's neighbours (where they differ) and fusion model are made before the evaluation.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from reco import storage
 from reco.cli import STAGES, stage_function
-from reco.config import ConfigError, RecoConfig
-from reco.contracts import EVAL_DIR, MEMORY_DIR, MemoryManifest
+from reco.config import ABLATIONS, ConfigError, RecoConfig, ablation_config
+from reco.contracts import EVAL_DIR, MEMORY_DIR, MemoryManifest, neighbors_folder
 from reco.depends import REPORT, changes, embed_input, model_settings, recorded_depends, stage_depends
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ RUN_OPTIONS: dict[str, dict] = {"train": {"replace": True}}
 class StageRun:
     """What `reco run` did with one stage, and why."""
     stage: str
+    """Its name in the run: the stage, or for an ablation e.g. `train (fuse_uni)`."""
     status: Literal["done", "skipped", "would run", "may run"]
     reason: str
     seconds: float = 0.0
@@ -51,6 +53,9 @@ def check_run(cfg: RecoConfig) -> None:
                 f"model: the memory in {cfg.path(MEMORY_DIR)} was embedded with other model settings "
                 f"({'; '.join(diff)}). A memory holds one embedding space: for a new model use a new "
                 "workdir (workdir=...), or restore those settings.")
+    from evaluation.evaluate import check_ablations
+
+    check_ablations(cfg)
     if not cfg.evaluate.datasets:
         raise ConfigError("evaluate.datasets: empty, and `reco run` ends with the evaluation; add at least "
                           "one, e.g. {name: flowers, kind: clip_benchmark}")
@@ -67,6 +72,20 @@ def stale_reason(cfg: RecoConfig, stage: str) -> str | None:
         return "changed " + "; ".join(config)
     inputs = changes(recorded.get("inputs", {}), now["inputs"])
     return "inputs changed: " + "; ".join(inputs) if inputs else None
+
+
+def planned_stages(cfg: RecoConfig) -> list[tuple[str, str, RecoConfig]]:
+    """(name, stage, config) in order: every stage, and with `evaluate.ablations` each variant's
+    neighbours (only where it searches differently) and training before the evaluation."""
+    jobs = [(stage, stage, cfg) for stage in STAGES if stage != "evaluate"]
+    if cfg.evaluate.ablations:
+        ours = neighbors_folder(cfg.workdir, cfg.neighbors.split, cfg.neighbors.search)
+        for variant in ABLATIONS:
+            other = ablation_config(cfg, variant)
+            if neighbors_folder(other.workdir, other.neighbors.split, other.neighbors.search) != ours:
+                jobs.append((f"neighbors ({variant})", "neighbors", other))
+            jobs.append((f"train ({variant})", "train", other))
+    return jobs + [("evaluate", "evaluate", cfg)]
 
 
 def _run_stage(cfg: RecoConfig, stage: str, label: str) -> StageRun:
@@ -104,13 +123,15 @@ def run_pipeline(cfg: RecoConfig, dry_run: bool = False) -> list[StageRun]:
     """Run (or, with `dry_run`, only tell) every stage in order; one progress line each."""
     check_run(cfg)
     runs: list[StageRun] = []
-    for i, stage in enumerate(STAGES, start=1):
-        label = f"[{i}/{len(STAGES)}] {stage}"
+    jobs = planned_stages(cfg)
+    for i, (name, stage, job_cfg) in enumerate(jobs, start=1):
+        label = f"[{i}/{len(jobs)}] {name}"
         if dry_run:
             earlier = next((r.stage for r in runs if r.status in ("would run", "may run")), None)
-            run = _plan_stage(cfg, stage, earlier)
+            run = _plan_stage(job_cfg, stage, earlier)
         else:
-            run = _run_stage(cfg, stage, label)
+            run = _run_stage(job_cfg, stage, label)
+        run = replace(run, stage=name)
         log.info("%s", _line(label, run))
         runs.append(run)
     if not dry_run:

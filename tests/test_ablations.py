@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reco.config import ConfigError, RecoConfig
-from evaluation.evaluate import check_control
+from evaluation.evaluate import check_variants
 from reco.contracts import NeighborsManifest, fusion_model_dir, neighbors_table
 from reco.demo import neighbour_splits as synthetic
 from reco.fusion import RecoFusion, load_fusion, refine, save_fusion
@@ -59,7 +59,7 @@ def test_fuse_mean_trains_nothing_and_refines_to_the_mean_of_the_neighbours(tmp_
     synthetic.write_split(str(tmp_path), split)
     meta = train(config(tmp_path, fuse="mean"))
     assert meta["fuse"] == "mean" and meta["steps"] == 0
-    model, _ = load_fusion(str(tmp_path / "train" / "model"))
+    model, _ = load_fusion(str(tmp_path / "train" / "model-mean"))  # a variant: beside RECO's model
     assert model.fuse == "mean" and model.search == "uni"
     got = refine(model.image, split["image"], split["nn_text"], split["nn_text_ids"])
     present = split["nn_text_ids"] >= 0
@@ -90,17 +90,18 @@ def test_search_and_fuse_enter_the_training_fingerprint(tmp_path):
 
 def test_evaluate_refuses_a_control_from_another_run(tmp_path):
     """The no-retrieval column may differ from RECO in k, retrieval, fuse and search only."""
+    cfg = config(tmp_path)
     fingerprint = {"split": "train", "k": K, "search": "uni", "rows": ROWS, "lr": 1e-3, "fuse": "cross",
                    "retrieval": True}
     base = {"d": D, "heads": 8, "mlp_ratio": 4.0}
     save_fusion(RecoFusion(D), {**base, "fingerprint": fingerprint}, fusion_model_dir(str(tmp_path)))
     control = {**fingerprint, "k": 0, "retrieval": False, "search": "cross", "fuse": "uni"}
-    control_dir = fusion_model_dir(str(tmp_path), retrieval=False)
+    control_dir = fusion_model_dir(str(tmp_path), "no_retrieval")
     save_fusion(RecoFusion(D), {**base, "fingerprint": control}, control_dir)
-    check_control(str(tmp_path))
+    check_variants(cfg)
     for other in ({"split": "other"}, {"lr": 1e-2}):
         save_fusion(RecoFusion(D), {**base, "fingerprint": {**control, **other}}, control_dir)
         key, value = next(iter(other.items()))
         with pytest.raises(ConfigError, match=f"{key}={value!r} there"):
-            check_control(str(tmp_path))
+            check_variants(cfg)
 

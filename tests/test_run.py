@@ -114,6 +114,8 @@ def test_quiet_console_settings(monkeypatch, caplog):
         auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
         assert not auth.isEnabledFor(logging.WARNING)
         assert not logging.getLogger("ray.data").isEnabledFor(logging.INFO)
+        from ray.train.v2._internal.execution import context  # "Reporting training result ..."
+        assert not context.logger.isEnabledFor(logging.INFO)
         assert logging.getLogger("training.loop").isEnabledFor(logging.INFO)
     finally:
         for name, level in levels.items():
@@ -126,3 +128,34 @@ def test_quiet_console_settings(monkeypatch, caplog):
     monkeypatch.delenv(cluster.JOB_CONFIG_ENV)
     monkeypatch.setenv(cluster.VERBOSE_ENV, "1")
     assert cluster._worker_runtime_env() == {"env_vars": {cluster.VERBOSE_ENV: "1"}, **hook}
+
+
+def test_ablations_train_each_variant_and_report_a_column_each(world):
+    """`evaluate.ablations`: the variants' neighbours and models are made before the evaluation,
+    each in its own folder, and the report has a column for each; a second run does nothing."""
+    base, checkpoint, _ = world
+    cfg = world_config(base, checkpoint, neighbors={"k": 4}, evaluate={"ablations": True})
+    runs = run_pipeline(cfg)
+    assert [r.stage for r in runs] == [*STAGES[:-1], "neighbors (search_cross)", "train (search_cross)",
+                                       "train (fuse_uni)", "train (no_retrieval)", "evaluate"]
+    # the shared split now also holds the same-modality columns uni-modal fusion reads
+    assert statuses(runs)["neighbors"] == "done" and "neighbors.uni_columns: False -> True" in runs[3].reason
+    work = base / "work"
+    cross = json.loads((work / "neighbors" / "train-searchcross" / "_manifest.json").read_text())
+    assert cross["search"] == "cross" and cross["total_rows"] == 48
+    metas = {v: json.loads((work / "train" / f"model-{v}" / "config.json").read_text())
+             for v in ("searchcross", "fuseuni", "noretrieval")}
+    assert metas["searchcross"]["neighbors"]["search"] == "cross" and metas["fuseuni"]["fuse"] == "uni"
+    assert metas["noretrieval"]["k"] == 0
+    report = json.loads((work / "eval" / "report.json").read_text())
+    columns = {"baseline", "reco", "mean", "search_cross", "fuse_uni", "no_retrieval", "memory_0.1"}
+    assert all(columns <= r.keys() for r in report["results"])
+    assert report["config"]["memory_fraction"] == 0.1
+    assert "RECO, 10% of memory" in (work / "eval" / "report.md").read_text()
+    assert set(statuses(run_pipeline(cfg, dry_run=True)).values()) == {"skipped"}
+
+
+def test_ablations_are_variants_of_reco_itself(world):
+    base, checkpoint, _ = world
+    with pytest.raises(ConfigError, match="evaluate.ablations: .* trains the variant search_cross"):
+        run_pipeline(world_config(base, checkpoint, neighbors={"search": "cross"}, evaluate={"ablations": True}))

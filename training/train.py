@@ -6,8 +6,9 @@ neighbour shards with Ray Data; gradients are all-reduced by DDP. Every
 `<workdir>/train/ray/<run>/`: a lost worker is replaced and the run goes on from there
 (up to `train.max_failures` times), and a re-run of a killed driver resumes there too,
 at the same step, optimizer state and data position. The final weights and the config
-that made them go to `<workdir>/train/model/` (`model-noretrieval/` for the control
-trained with `train.retrieval=false`); TensorBoard logs to `train/logs/`. The ablation
+that made them go to `<workdir>/train/model/`, or for an ablation's settings to
+`model-<variant>/` (`RecoConfig.variant`: `model-noretrieval/` for the control trained
+with `train.retrieval=false`); TensorBoard logs to `train/logs/`. The parameter-free
 `train.fuse=mean` has nothing to train: its model is written at once.
 """
 
@@ -62,7 +63,7 @@ def _check_shards(manifest: NeighborsManifest, folder: str, k: int) -> list[str]
 
 def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
     t = cfg.train
-    folder = neighbors_folder(cfg.workdir, t.split)
+    folder = neighbors_folder(cfg.workdir, t.split, cfg.neighbors.search)
     manifest = NeighborsManifest.read(folder)
     if manifest is None:
         raise ConfigError(f"train.split: no finished neighbour split in {folder}; run `reco neighbors` "
@@ -92,7 +93,7 @@ def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
 def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
     t = cfg.train
     k = manifest.k if t.retrieval else 0
-    name = fusion_model_name(t.retrieval)
+    name = fusion_model_name(cfg.variant)
     # Equal splits: every worker gets rows // W pairs and drops its last partial batch.
     steps_per_epoch = (manifest.total_rows // t.num_workers) // (t.batch_size // t.num_workers)
     identity = {"split": t.split, "model": manifest.model, "pretrained": manifest.pretrained,
@@ -105,7 +106,7 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
     return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
                 total_steps=steps_per_epoch * t.epochs,
                 checkpoints=cfg.path(TRAIN_DIR, RAY_DIR, name),
-                model_dir=fusion_model_dir(cfg.workdir, t.retrieval), logdir=cfg.path(TRAIN_DIR, "logs", name),
+                model_dir=fusion_model_dir(cfg.workdir, cfg.variant), logdir=cfg.path(TRAIN_DIR, "logs", name),
                 fingerprint=fingerprint, neighbors=identity)
 
 
@@ -180,7 +181,7 @@ def run_config(cfg: RecoConfig) -> RunConfig:
     else:
         where = {"storage_path": path,
                  "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
-    return RunConfig(name=fusion_model_name(cfg.train.retrieval), **where,
+    return RunConfig(name=fusion_model_name(cfg.variant), **where,
                      checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                      failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                      logging_config=LoggingConfig(log_level=ray_train_log_level()))

@@ -3,9 +3,10 @@
 72 synthetic classes, each named by an invented word (reco/demo/world.py). A tiny
 CLIP pre-trained on coarse captions ("a photo of a triangle") knows the shapes but not
 the names; the memory's captions name them; the fusion modules are trained on 54
-classes and evaluated zero-shot on the 18 others, baseline against RECO against the same
-module trained without retrieval. The memory corpus is served over HTTP on 127.0.0.1,
-so download runs img2dataset's real path.
+classes and evaluated zero-shot on the 18 others, baseline against RECO and against the
+paper's ablations (cross-modal search, uni-modal fusion, no retrieval, the parameter-free
+mean, a tenth of the memory). The memory corpus is served over HTTP on 127.0.0.1, so
+download runs img2dataset's real path.
 
 The demo writes its config to `<workdir>/demo.yaml`, so each stage can be re-run by
 hand with `reco <stage> <workdir>/demo.yaml`. Re-running the demo skips finished work.
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from reco import storage
-from reco.config import RecoConfig, config_from_dict, dump_config
+from reco.config import ABLATIONS, RecoConfig, ablation_config, config_from_dict, dump_config
 
 
 class DemoScale:
@@ -34,8 +35,7 @@ class DemoScale:
         self.shard_size = 360 if quick else 1000
 
 
-def demo_config(workdir: str, scale: DemoScale) -> tuple[RecoConfig, dict]:
-    """The typed config and the plain data it came from (for the control's override)."""
+def demo_config(workdir: str, scale: DemoScale) -> RecoConfig:
     from reco.demo import world
 
     sections = world.config_sections(workdir, f"{workdir}/frozen-clip.pt")
@@ -48,7 +48,8 @@ def demo_config(workdir: str, scale: DemoScale) -> tuple[RecoConfig, dict]:
         "embed": {"batch_size": 256},
         **sections,
     }
-    return config_from_dict(data), data
+    data["evaluate"] = {**data["evaluate"], "ablations": True}
+    return config_from_dict(data)
 
 
 def _step(title: str) -> float:
@@ -99,10 +100,11 @@ def _memory_and_index(cfg: RecoConfig) -> None:
     print(f"  ({time.perf_counter() - start:.0f}s)")
 
 
-def _fusion_training(cfg: RecoConfig, data: dict, scale: DemoScale) -> None:
+def _fusion_training(cfg: RecoConfig, scale: DemoScale) -> None:
     from indexing.neighbors import neighbors
     from reco.demo import world
     from reco.encode import embed_shards
+    from reco.contracts import neighbors_folder
     from reco.tars import list_shards
     from training.train import train
 
@@ -114,10 +116,15 @@ def _fusion_training(cfg: RecoConfig, data: dict, scale: DemoScale) -> None:
     nb = neighbors(cfg)
     print(f"  {cfg.path('neighbors', nb.split)}: {nb.total_rows} queries, k={nb.k} "
           f"({time.perf_counter() - start:.0f}s)")
-    control = config_from_dict(data, ["train.retrieval=false"])
-    for title, run in (("train: the fusion modules with retrieval (RECO)", cfg),
-                       ("train: the same modules without retrieval (the control)", control)):
+    runs = [("train: the fusion modules with retrieval (RECO)", cfg)] + [
+        (f"train: the ablation {variant} ({' '.join(ABLATIONS[variant])})", ablation_config(cfg, variant))
+        for variant in ABLATIONS]
+    for title, run in runs:
         start = _step(title)
+        if run.neighbors.search != cfg.neighbors.search:
+            nb = neighbors(run)
+            print(f"  its own neighbours: {neighbors_folder(cfg.workdir, nb.split, nb.search)}, "
+                  f"{nb.total_rows} queries")
         meta = train(run)
         metrics = meta["final_metrics"]
         print(f"  {meta['steps']} steps, loss {metrics.get('loss', float('nan')):.3f}, in-batch image->text "
@@ -132,14 +139,14 @@ def run_demo(workdir: str, quick: bool = False) -> RecoConfig:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     scale = DemoScale(quick)
     workdir = str(Path(workdir).resolve())
-    cfg, data = demo_config(workdir, scale)
+    cfg = demo_config(workdir, scale)
     storage.write_bytes_atomic(storage.join(workdir, "demo.yaml"), dump_config(cfg).encode())
     begin = time.perf_counter()
 
     _frozen_clip(cfg, scale)
     _corpus(cfg, scale)
     _memory_and_index(cfg)
-    _fusion_training(cfg, data, scale)
+    _fusion_training(cfg, scale)
 
     start = _step("evaluate: zero-shot on the 18 held-out classes, whose names only the memory knows")
     eval_images = cfg.evaluate.datasets[0].path
