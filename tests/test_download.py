@@ -141,8 +141,11 @@ def test_memory_copy_embeds_like_the_evaluation_image(tiny_checkpoint, tmp_path)
         pq.write_table(pa.table({"url": [server.image_url(0)], "caption": ["a wide image"]}), url_list)
         for mode in ("default", "border"):
             resize = {} if mode == "default" else {"resize_mode": mode}
-            downloaded = make_config(tmp_path / mode, download={**DOWNLOAD, "url_list": str(url_list), **resize})
-            assert download(downloaded).successes == 1
+            # 10 s: a 1 s timeout on a loaded machine would fail this one URL for nothing checked here
+            download_cfg = {**DOWNLOAD, "url_list": str(url_list), "timeout": 10, **resize}
+            downloaded = make_config(tmp_path / mode, download=download_cfg)
+            corpus = download(downloaded)
+            assert corpus.successes == 1, corpus.failures
             sources[mode] = list_shards(downloaded.path("corpus"))[0]
     embedder = ShardEmbedder(cfg.model_dump_json(), str(tmp_path / "staged"), cpus=1, decode_threads=0)
     emb = {}
