@@ -59,7 +59,7 @@ def bare(url_list: Path, out: Path, args: argparse.Namespace) -> float:
         img2dataset.download(
             url_list=str(url_list), output_folder=str(out), processes_count=args.processes,
             thread_count=args.threads, number_sample_per_shard=args.shard, image_size=args.image_size,
-            resize_mode="border", output_format="webdataset", input_format="parquet", url_col="url",
+            resize_mode="keep_ratio", output_format="webdataset", input_format="parquet", url_col="url",
             caption_col="caption", timeout=10, distributor="multiprocessing", enable_wandb=False)
     return time.perf_counter() - start
 

@@ -58,9 +58,12 @@ class DownloadConfig(Section):
     """`incremental` keeps the finished shards and downloads the rest; `overwrite` deletes
     the output folder first."""
     image_size: int = Field(256, gt=0)
-    """Side of the stored images (img2dataset resizes to it per `resize_mode`)."""
-    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
-    """img2dataset's resize mode; `border` pads to a square of `image_size`."""
+    """Side img2dataset resizes the stored images to: the shorter one for `keep_ratio` and
+    `center_crop`, the longer one for `border` and `keep_ratio_largest`."""
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    """img2dataset's resize mode. `keep_ratio` (shorter side to `image_size`, nothing cut or
+    padded) lets the model's preprocess frame a memory image as it frames the same image at
+    evaluation; `border` adds white bars that evaluation images lack (docs/download.md)."""
     processes_count: int | None = Field(None, gt=0)
     """Shards downloaded at once, each a Ray task of one CPU; default: the cluster's CPUs."""
     thread_count: int = Field(64, gt=0)

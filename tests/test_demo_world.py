@@ -41,6 +41,17 @@ def test_splits_hold_out_classes_from_fusion_training(tmp_path):
     assert world.eval_dataset(str(root))["templates"] == world.EVAL_TEMPLATES
 
 
+def test_evaluation_prompts_are_not_memory_captions():
+    """Text->text search over the memory must not find the prompt itself, word for word."""
+    classes = synthetic.classes()
+    captions = {t.format(name=c.name, shape=c.shape)
+                for c in classes for t in synthetic.FINE_TEMPLATES + synthetic.COARSE_TEMPLATES}
+    assert len(captions) == 72 * 6 + 4 * 6  # every caption the memory (and pre-training) can hold
+    prompts = {t.format(c=c.name) for c in classes for t in world.eval_dataset("x")["templates"]}
+    assert len(prompts) == 72 * len(world.EVAL_TEMPLATES)
+    assert not prompts & captions, sorted(prompts & captions)[:5]
+
+
 def test_pretrained_checkpoint_loads_as_the_frozen_clip(tmp_path):
     out = tmp_path / "frozen.pt"
     stats = pretrain_frozen_clip(str(out), n_images=64, steps=3, batch_size=16)

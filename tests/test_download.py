@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -10,17 +11,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 import ray
 
+from evaluation.datasets import prepare_dataset
 from pipeline.download import CorpusManifest, download
 from pipeline.embed import embed
 from reco.cli import main as cli_main
 from reco.config import ConfigError
+from reco.demo import synthetic
 from reco.demo.corpus_server import CorpusServer, write_url_list
+from reco.encode import ShardEmbedder, staged_name
 from reco.tars import iter_tar_samples, list_shards
 from tests.conftest import make_config, start_local_ray
 
@@ -100,6 +105,58 @@ def test_download_then_embed(downloaded, tiny_checkpoint, tmp_path):
     assert table.num_rows == memory.total_rows
     for key, caption, url in zip(*table.select(["key", "caption", "url"]).to_pydict().values()):
         assert (by_key[key].caption, by_key[key].url) == (caption, url) and caption
+
+
+def wide_image() -> bytes:
+    """A 96x48 JPEG with a red and a blue band at its left and right edges, a disc between."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (96, 48), (90, 90, 90))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, 15, 47], fill=(220, 30, 30))
+    draw.rectangle([80, 0, 95, 47], fill=(30, 30, 220))
+    draw.ellipse([36, 12, 60, 36], fill=(240, 220, 40))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_memory_copy_embeds_like_the_evaluation_image(tiny_checkpoint, tmp_path):
+    """A non-square image downloaded into the memory (the default resize_mode, and `border`)
+    embeds as the same file does as an evaluation image: the near-duplicate exclusion and
+    retrieval rest on this. The embedding is the embed actor's own code, run in-process
+    (a Ray actor would add a process importing torch, ~20 s here, and nothing to check)."""
+    start_local_ray()
+    image = wide_image()
+    folder = tmp_path / "eval-images" / "wide"
+    folder.mkdir(parents=True)
+    (folder / "0.jpg").write_bytes(image)
+    cfg = make_config(tmp_path / "eval", model={"name": "reco-tiny", "pretrained": tiny_checkpoint},
+                      evaluate={"datasets": [{"name": "wide", "kind": "imagefolder", "path": str(folder.parent),
+                                              "templates": ["a {c}."]}]})
+    sources = {"evaluation": prepare_dataset(cfg, cfg.evaluate.datasets[0]).shards[0]}
+    with CorpusServer(1) as server:
+        server.samples[0] = synthetic.Sample("wide", image, "a wide image", 0)
+        url_list = tmp_path / "urls.parquet"
+        pq.write_table(pa.table({"url": [server.image_url(0)], "caption": ["a wide image"]}), url_list)
+        for mode in ("default", "border"):
+            resize = {} if mode == "default" else {"resize_mode": mode}
+            # 10 s: a 1 s timeout on a loaded machine would fail this one URL for nothing checked here
+            download_cfg = {**DOWNLOAD, "url_list": str(url_list), "timeout": 10, **resize}
+            downloaded = make_config(tmp_path / mode, download=download_cfg)
+            corpus = download(downloaded)
+            assert corpus.successes == 1, corpus.failures
+            sources[mode] = list_shards(downloaded.path("corpus"))[0]
+    embedder = ShardEmbedder(cfg.model_dump_json(), str(tmp_path / "staged"), cpus=1, decode_threads=0)
+    emb = {}
+    for name, source in sources.items():
+        assert embedder.process(source).written == 1
+        staged = pq.read_table(tmp_path / "staged" / staged_name(source))
+        emb[name] = np.asarray(staged["image_embedding"][0].as_py(), np.float32)
+    cosine = {mode: round(float(emb[mode] @ emb["evaluation"]), 4) for mode in ("default", "border")}
+    # measured: default (keep_ratio) 0.9998, border 0.8462
+    assert cosine["default"] >= 0.99, cosine
+    assert cosine["border"] < 0.95, cosine  # the padded copy shows CLIP white bars
 
 
 def slow_first_rows(server: CorpusServer, path: Path, n: int) -> str:

@@ -25,9 +25,12 @@ from reco.demo import synthetic
 N_CLASSES = 72
 N_HELD_OUT = 18
 SPLIT_SEEDS = {"pretrain": 101, "memory": 202, "fusion": 303, "eval": 404, "held_out": 505}
-EVAL_TEMPLATES = ["a photo of a {c}.", "a {c}.", "a picture of a {c}.", "an image of a {c}.", "my {c}."]
-"""The fine caption templates that name only the class (synthetic.FINE_TEMPLATES in
-clip_benchmark's `{c}` form, without the one that also names the shape)."""
+EVAL_TEMPLATES = ["a rendering of a {c}.", "a bright photo of a {c}.", "a close-up photo of a {c}.",
+                  "a cropped photo of the {c}.", "a good photo of the {c}."]
+"""Prompts from CLIP's ImageNet templates (clip_benchmark's `{c}` form), none of them a
+memory caption template (synthetic.FINE_TEMPLATES): a benchmark's prompts are not web
+captions, and a prompt the memory holds word for word would make text->text search
+return the prompt itself (tests/test_demo_world.py checks that none is a memory caption)."""
 
 
 DEDUP_THRESHOLD = 0.999
