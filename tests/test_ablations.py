@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from reco.config import ConfigError, RecoConfig
-from evaluation.evaluate import check_variants
+from evaluation.evaluate import check_variants, memory_subset_exclusion
 from reco.contracts import NeighborsManifest, fusion_model_dir, neighbors_table
 from reco.demo import neighbour_splits as synthetic
 from reco.fusion import RecoFusion, load_fusion, refine, save_fusion
@@ -105,3 +105,10 @@ def test_evaluate_refuses_a_control_from_another_run(tmp_path):
         with pytest.raises(ConfigError, match=f"{key}={value!r} there"):
             check_variants(cfg)
 
+
+
+def test_memory_size_ablation_keeps_a_seeded_share_of_the_memory():
+    left_out = memory_subset_exclusion(10_000, 0.1, seed=0)
+    assert 900 < 10_000 - len(left_out) < 1100 and np.all(np.diff(left_out) > 0)
+    np.testing.assert_array_equal(left_out, memory_subset_exclusion(10_000, 0.1, seed=0))
+    assert not np.array_equal(left_out, memory_subset_exclusion(10_000, 0.1, seed=1))

@@ -19,10 +19,12 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path, ray_local, capsys):
     assert "| held-out-fine |" in out or "held-out-fine" in out
     report = json.loads((workdir / "eval" / "report.json").read_text())
     rows = [r for r in report["results"] if r["metric"] == "top1"]
-    assert rows and all({"baseline", "reco", "no_retrieval"} <= r.keys() for r in rows)
+    columns = {"baseline", "reco", "mean", "search_cross", "fuse_uni", "no_retrieval", "memory_0.1"}
+    assert rows and all(columns <= r.keys() for r in rows)  # the paper's ablations, beside RECO
     assert (workdir / "eval" / "report.png").stat().st_size > 0
     for part in ("corpus/_manifest.json", "memory/_manifest.json", "index/image/_manifest.json",
-                 "train/model", "train/model-noretrieval", "demo.yaml"):
+                 "train/model", "train/model-noretrieval", "train/model-searchcross", "train/model-fuseuni",
+                 "neighbors/train-searchcross/_manifest.json", "demo.yaml"):
         assert (workdir / part).exists(), part
     # A second run finds every stage finished.
     assert main(["demo", "--quick", "--workdir", str(workdir)]) == 0
