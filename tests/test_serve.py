@@ -23,7 +23,7 @@ from ray._private import state
 import reco
 from reco.config import ConfigError, dump_config
 from reco.contracts import IndexManifest, index_folder
-from reco.serve import check_serve, start
+from reco.serve import check_room, check_serve, start
 from tests.conftest import API_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +213,10 @@ def test_bad_serve_config_is_named_before_start(api_world, tmp_path):
         check_serve(shrinking)
     with pytest.raises(ConfigError, match="no trained fusion model"):
         check_serve(api_world.model_copy(update={"workdir": str(tmp_path)}))
+    # More replicas than the tests' 2-CPU Ray can place: said, rather than waited for forever.
+    crowded = api_world.model_copy(update={"serve": api_world.serve.model_copy(update={"replicas": 3})})
+    with pytest.raises(ConfigError, match=r"serve.cpus_per_replica: 3 replica\(s\) x 1 CPU do not fit"):
+        check_room(crowded)
 
 
 @pytest.mark.slow
