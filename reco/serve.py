@@ -199,19 +199,21 @@ def shared_memory(cfg: RecoConfig) -> MemoryIndex | None:
     return memory_service(cfg.workdir, index, use_gpu=index.use_gpu)
 
 
-def check_room(cfg: RecoConfig) -> None:
-    """On a local Ray, that the replicas fit in what is left beside the memory service's
-    actors: Serve would wait for them forever. (A cluster may grow: not checked there.)"""
+def check_room(cfg: RecoConfig, sharing: bool = False) -> None:
+    """On a local Ray, that the replicas fit in what is left (beside the memory service's
+    actors where `sharing`): Serve would wait for them forever. (A cluster may grow: not
+    checked there.)"""
     if "RAY_ADDRESS" in os.environ:
         return
     s, free = cfg.serve, ray.available_resources()
+    beside = " beside the memory service's shard actors" if sharing else ""
     for name, each, resource in (("cpus_per_replica", s.cpus_per_replica, "CPU"),
                                  ("gpus_per_replica", s.gpus_per_replica, "GPU")):
         left = free.get(resource, 0.0)
         if s.replicas * each > left + 1e-6:
             raise ConfigError(f"serve.{name}: {s.replicas} replica(s) x {each:g} {resource} do not fit in the "
-                              f"{left:g} {resource} free on this machine (the memory service's shard actors "
-                              f"reserve theirs first); lower serve.{name} or serve.replicas")
+                              f"{left:g} {resource} free on this machine{beside}; lower serve.{name} or "
+                              "serve.replicas")
 
 
 def build_app(cfg: RecoConfig, memory: MemoryIndex | None = None) -> serve.Application:
@@ -248,7 +250,7 @@ def start(cfg: RecoConfig) -> Serving:
     init_ray()
     serving = Serving(f"http://{cfg.serve.host}:{cfg.serve.port}", shared_memory(cfg))
     try:
-        check_room(cfg)
+        check_room(cfg, sharing=serving.memory is not None)
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         serve.run(build_app(cfg, serving.memory), name=APP_NAME, route_prefix="/")
     except BaseException:

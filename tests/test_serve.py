@@ -167,6 +167,18 @@ def test_replicas_share_one_memory_service(serving, served, api_world):
         np.testing.assert_allclose(np.array(body["embeddings"], np.float32), model.encode_text(texts), atol=1e-5)
 
 
+def test_load_searches_a_given_memory_and_leaves_it_open(serving, served, api_world):
+    """`reco.load(..., memory=)` (what each replica does) answers as the in-process API, and
+    its close leaves the service to its opener."""
+    _, model = served
+    shared = reco.load(api_world.workdir, memory=serving.memory)
+    texts = ["a photo of a pelka.", "a blue square"]
+    np.testing.assert_allclose(shared.encode_text(texts), model.encode_text(texts), atol=1e-5)
+    shared.close()
+    assert len(live_actors("ShardServer")) == len(serving.memory._servers)
+    assert serving.memory.search(model.encode_text(texts, refine=False), 2, "text")[1].shape == (2, 2)
+
+
 CLOSED_PORT = free_port()  # bound and released: nothing listens there
 
 
