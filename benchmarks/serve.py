@@ -31,7 +31,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
-from ray import serve  # noqa: E402
 
 import reco  # noqa: E402
 from reco.config import RecoConfig, load_config  # noqa: E402
@@ -96,7 +95,8 @@ def main() -> None:
     else:
         bodies = [json.dumps({"texts": group}).encode() for group in texts]
 
-    url = f"{start(cfg)}/embed/{args.endpoint}"
+    serving = start(cfg)
+    url = f"{serving.url}/embed/{args.endpoint}"
     model = reco.load(cfg.workdir)
 
     def via_serve(i: int) -> None:
@@ -118,7 +118,7 @@ def main() -> None:
         run(call, 8, 2)  # warm-up: first forward passes, connections
         for c in args.concurrency:
             results[name, c] = run(call, args.requests, c)
-    serve.shutdown()
+    serving.stop()
     model.close()
 
     print(f"/embed/{args.endpoint}, {args.items} items per request, {args.requests} requests per level, "

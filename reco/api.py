@@ -1,7 +1,8 @@
 """`reco.load(workdir)`: RECO-refined embeddings and zero-shot classification for applications.
 
 The returned `Reco` holds the frozen CLIP, the trained fusion modules of
-`<workdir>/train/model/` and the searchable memory (`MemoryIndex`), and computes what
+`<workdir>/train/model/` and the searchable memory (`MemoryIndex`: opened in this process,
+or a memory service's client passed as `load(..., memory=)`), and computes what
 `reco evaluate` computes for the same inputs: images decoded and preprocessed as the
 embed stage does, texts through the same text tower, the same k neighbours per query
 (uni-modal search, cross-modal gather, the query image's near-duplicates dropped above
@@ -86,11 +87,15 @@ def check_workdir(workdir: str) -> None:
                               "run `reco index` first")
 
 
-def load(workdir: str, *, k: int | None = None, use_gpu: bool = False, batch_size: int = BATCH_SIZE) -> "Reco":
+def load(workdir: str, *, k: int | None = None, use_gpu: bool = False, batch_size: int = BATCH_SIZE,
+         memory: MemoryIndex | None = None) -> "Reco":
     """The RECO model of a workdir after `reco train`: frozen CLIP, fusion modules, memory.
 
     `k` overrides the neighbours per query (default: the k the fusion model was trained
     with, as evaluate uses); `use_gpu` puts CLIP on a GPU and the memory's search on faiss-gpu.
+    `memory`: the workdir's memory already opened, e.g. the client of a memory service
+    (`reco.search.memory_service`) that several processes share, searched instead of
+    opening the memory in this process; its opener keeps it (`Reco.close` leaves it open).
     """
     check_workdir(workdir)
     model_dir = fusion_model_dir(workdir)
@@ -100,13 +105,15 @@ def load(workdir: str, *, k: int | None = None, use_gpu: bool = False, batch_siz
         raise ConfigError(f"workdir: the fusion model at {model_dir} has width {meta['d']}, "
                           f"its CLIP {model_cfg.name} embeds in {embed_dim(model_cfg)}")
     k = k or meta.get("k") or neighbors.k
-    memory = MemoryIndex.open(workdir, use_gpu=use_gpu)
+    owned = memory is None
+    if owned:
+        memory = MemoryIndex.open(workdir, use_gpu=use_gpu)
     if memory.d != meta["d"]:
         raise ConfigError(f"workdir: the memory has width {memory.d}, the fusion model {meta['d']}")
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     clip = load_clip(model_cfg, seed=seed, device=device)
     return Reco(clip, fusion, memory, k=k, dedup_threshold=neighbors.dedup_threshold,
-                batch_size=batch_size, device=device)
+                batch_size=batch_size, device=device, owns_memory=owned)
 
 
 def _non_empty(items, name: str) -> list:
@@ -162,10 +169,13 @@ class Reco:
     """A loaded RECO model; see `load`. The fusion modules run on CPU, as in evaluate."""
 
     def __init__(self, clip: Clip, fusion: RecoFusion, memory: MemoryIndex, *, k: int,
-                 dedup_threshold: float, batch_size: int = BATCH_SIZE, device: str = "cpu"):
+                 dedup_threshold: float, batch_size: int = BATCH_SIZE, device: str = "cpu",
+                 owns_memory: bool = True):
         self.clip = clip
         self.fusion = fusion
         self.memory = memory
+        self.owns_memory = owns_memory
+        """False for a memory given to `load`: `close` leaves it to its opener."""
         self.k = k
         """Neighbours retrieved per query."""
         self.dedup_threshold = dedup_threshold
@@ -249,5 +259,7 @@ class Reco:
         return Classification([classnames[j] for j in scores.argmax(axis=1)], scores.astype(np.float32))
 
     def close(self) -> None:
-        """Release the memory (its memory maps, or its shard actors)."""
-        self.memory.close()
+        """Release the memory this model opened (its memory maps, or its shard actors); a memory
+        given to `load` stays open for its opener to close."""
+        if self.owns_memory:
+            self.memory.close()

@@ -128,10 +128,11 @@ class IndexConfig(Section):
     use_gpu: bool = False
     """Train and search on GPUs where faiss-gpu sees them (one GPU per shard actor)."""
     service: Literal["auto", "always", "never"] = "auto"
-    """How `reco neighbors` and `reco evaluate` hold the memory: `auto` starts the memory
-    service (one Ray actor per index shard, spread over the nodes) when the index has
-    several shards or the Ray cluster several nodes, else searches it in-process; `always`
-    and `never` force one way."""
+    """How `reco neighbors`, `reco evaluate` and `reco serve` hold the memory: `auto` starts
+    the memory service (one Ray actor per index shard, spread over the nodes) when the index
+    has several shards or the Ray cluster several nodes, or `reco serve` several replicas,
+    else searches it in-process; `always` and `never` force one way (`never`: each Serve
+    replica opens its own)."""
     local_dir: str | None = None
     """Folder on each node's local disk (NVMe) where shard actors copy their index and
     embedding files to memory-map them; default: Ray's temp folder (`/tmp/ray`)."""
@@ -259,14 +260,17 @@ class ServeConfig(Section):
     port: int = Field(8000, gt=0, le=65535)
     """HTTP port of `reco serve`."""
     replicas: int = Field(1, gt=0)
-    """Replicas of the model (each holds a frozen CLIP, the fusion modules and the memory
-    index); with `max_replicas`, the fewest Serve's autoscaling keeps."""
+    """Replicas of the model (each holds a frozen CLIP and the fusion modules; several
+    replicas search one shared memory service); with `max_replicas`, the fewest Serve's
+    autoscaling keeps."""
     max_replicas: int | None = Field(None, gt=0)
     """Set: Serve autoscales between `replicas` and this many on requests in flight."""
     cpus_per_replica: float = Field(1.0, gt=0)
-    """CPUs each replica reserves (the frozen CLIP's forward pass and the memory search)."""
+    """CPUs each replica reserves (the frozen CLIP's forward pass, the fusion modules, and the
+    memory search where the replica holds the memory itself)."""
     gpus_per_replica: float = Field(0.0, ge=0)
-    """GPUs each replica reserves; above 0 the replica's CLIP and faiss search run on it."""
+    """GPUs each replica reserves; above 0 the replica's CLIP runs on it, and its faiss search
+    where the replica holds the memory itself (the shared service's: `index.use_gpu`)."""
     max_items: int = Field(64, gt=0)
     """Most images, texts or class names in one request; more is a 400."""
     max_request_bytes: int = Field(16 * 2**20, gt=0)

@@ -9,9 +9,11 @@ takes `"templates"`. A bad request (not JSON, a wrong type, an empty list, too m
 items, an oversized body, a non-image, a URL that does not answer) gets a 4xx with
 `{"error": message}` and the replica goes on serving.
 
-Each replica calls `reco.load` once: its own frozen CLIP, fusion modules and
-`MemoryIndex` (the index and embedding files are memory-mapped, so replicas on one node
-share their pages through the OS cache). Limits come from the config's `serve` section.
+Each replica calls `reco.load` once and holds its own frozen CLIP and fusion modules. The
+memory is the memory service (`reco.search`: one Ray actor per index shard), started once
+by `start` and shared by every replica whenever several may run (`shared_memory`); one
+replica alone follows `index.service` as the stages do. `Serving.stop` shuts Serve down,
+then the shard actors. Limits come from the config's `serve` section.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
+import ray
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from starlette.requests import Request
@@ -34,6 +38,7 @@ from starlette.responses import JSONResponse
 from reco.api import InputError, check_workdir, load
 from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig, ServeConfig
+from reco.search import MemoryIndex, memory_service
 
 APP_NAME = "reco"
 
@@ -133,8 +138,9 @@ def image_bytes(item: str, i: int, limits: ServeConfig) -> bytes:
 class RecoServer:
     """One replica: the loaded model, answering the three endpoints."""
 
-    def __init__(self, workdir: str, limits: dict, use_gpu: bool):
-        self.model = load(workdir, use_gpu=use_gpu)
+    def __init__(self, workdir: str, limits: dict, use_gpu: bool, memory: MemoryIndex | None = None):
+        # `memory`: the shared service's client (its actor handles); None: open it here.
+        self.model = load(workdir, use_gpu=use_gpu, memory=memory)
         self.limits = ServeConfig.model_validate(limits)
 
     def answer(self, body: _Body) -> dict:
@@ -177,30 +183,87 @@ def check_serve(cfg: RecoConfig) -> None:
                               f"pick a free port, e.g. serve.port={s.port + 1}") from None
 
 
-def build_app(cfg: RecoConfig) -> serve.Application:
-    """The Serve application: replicas (fixed, or autoscaled up to max_replicas) of RecoServer."""
+def shared_memory(cfg: RecoConfig) -> MemoryIndex | None:
+    """The memory service the replicas search through, started here once; None where the one
+    replica opens the memory in its own process.
+
+    Where several replicas may run (`serve.replicas` above 1, or `serve.max_replicas` set
+    above 1) they share the service unless `index.service` is `never`: otherwise each would
+    hold its own copy of the faiss structures. One replica follows `index.service` as the
+    stages do (`auto`: the service for several index shards or several nodes, else the
+    replica memory-maps the memory itself, a hop less per search). Its actors search on
+    `index.use_gpu`'s devices; the replicas' GPUs are their CLIP's."""
+    s, index = cfg.serve, cfg.index
+    if index.service == "auto" and max(s.replicas, s.max_replicas or 0) > 1:
+        index = index.model_copy(update={"service": "always"})
+    return memory_service(cfg.workdir, index, use_gpu=index.use_gpu)
+
+
+def check_room(cfg: RecoConfig, sharing: bool = False) -> None:
+    """On a local Ray, that the replicas fit in what is left (beside the memory service's
+    actors where `sharing`): Serve would wait for them forever. (A cluster may grow: not
+    checked there.)"""
+    if "RAY_ADDRESS" in os.environ:
+        return
+    s, free = cfg.serve, ray.available_resources()
+    beside = " beside the memory service's shard actors" if sharing else ""
+    for name, each, resource in (("cpus_per_replica", s.cpus_per_replica, "CPU"),
+                                 ("gpus_per_replica", s.gpus_per_replica, "GPU")):
+        left = free.get(resource, 0.0)
+        if s.replicas * each > left + 1e-6:
+            raise ConfigError(f"serve.{name}: {s.replicas} replica(s) x {each:g} {resource} do not fit in the "
+                              f"{left:g} {resource} free on this machine{beside}; lower serve.{name} or "
+                              "serve.replicas")
+
+
+def build_app(cfg: RecoConfig, memory: MemoryIndex | None = None) -> serve.Application:
+    """The Serve application: replicas (fixed, or autoscaled up to max_replicas) of RecoServer,
+    all searching through `memory` where given (see `shared_memory`)."""
     s = cfg.serve
     scaling = ({"autoscaling_config": {"min_replicas": s.replicas, "max_replicas": s.max_replicas}}
                if s.max_replicas else {"num_replicas": s.replicas})
     deployment = RecoServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica}, **scaling)
-    return deployment.bind(cfg.workdir, s.model_dump(), s.gpus_per_replica > 0)
+    return deployment.bind(cfg.workdir, s.model_dump(), s.gpus_per_replica > 0, memory)
 
 
-def start(cfg: RecoConfig) -> str:
-    """Deploy the application on this Ray cluster and return its URL once every replica is up."""
+@dataclass
+class Serving:
+    """A running `reco serve` application."""
+    url: str
+    memory: MemoryIndex | None
+    """The memory service the replicas share (owned here); None where the replica opened its own."""
+
+    def stop(self) -> None:
+        """Shut Serve down, then the memory service's shard actors (they also end with this
+        process, which owns them)."""
+        serve.shutdown()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+
+def start(cfg: RecoConfig) -> Serving:
+    """Start the memory service where shared, deploy the application on this Ray cluster, and
+    return once every replica is up."""
     check_serve(cfg)
     init_ray()
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+    serving = Serving(f"http://{cfg.serve.host}:{cfg.serve.port}", shared_memory(cfg))
+    try:
+        check_room(cfg, sharing=serving.memory is not None)
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run(build_app(cfg, serving.memory), name=APP_NAME, route_prefix="/")
+    except BaseException:
+        serving.stop()
+        raise
+    return serving
 
 
 def serve_forever(cfg: RecoConfig) -> int:
-    """`reco serve`: start, say where it listens, block until Ctrl-C, then shut Serve down.
-    Returns the exit status of an interrupted process (130)."""
-    url = start(cfg)
-    print(f"reco serve: listening on {url} (POST {', '.join(ROUTES)}); Ctrl-C stops", flush=True)
+    """`reco serve`: start, say where it listens, block until Ctrl-C, then stop Serve and the
+    memory service. Returns the exit status of an interrupted process (130)."""
+    serving = start(cfg)
+    print(f"reco serve: listening on {serving.url} (POST {', '.join(ROUTES)}); Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -208,4 +271,4 @@ def serve_forever(cfg: RecoConfig) -> int:
         print("reco serve: stopped", flush=True)
         return 130
     finally:
-        serve.shutdown()
+        serving.stop()

@@ -11,17 +11,19 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ray import serve
+from ray._private import state
 
 import reco
 from reco.config import ConfigError, dump_config
-from reco.serve import check_serve, start
+from reco.contracts import IndexManifest, index_folder
+from reco.serve import check_room, check_serve, start
 from tests.conftest import API_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,17 +65,36 @@ def image_server(images):
     server.shutdown()
 
 
+def live_actors(class_prefix: str) -> list[dict]:
+    """The GCS's record (ActorID, Pid, ...) of the live actors whose class name starts so. Read
+    from the GCS: the state API (ray.util.state) needs the dashboard, which the tests leave off."""
+    return [a for a in state.actors().values()
+            if a["State"] == "ALIVE" and a["ActorClassName"].startswith(class_prefix)]
+
+
 @pytest.fixture(scope="module")
-def served(api_world):
-    """(base URL of a running `reco serve` application, the in-process API on the same workdir)."""
+def serving(api_world):
+    """A running `reco serve` application of two replicas, which share the memory service."""
     cfg = api_world.model_copy(update={"serve": api_world.serve.model_copy(update={
-        "port": free_port(), "cpus_per_replica": 0.5, "max_items": MAX_ITEMS, "max_request_bytes": MAX_BYTES,
-        "url_timeout": 2.0})})
-    url = start(cfg)
-    model = reco.load(cfg.workdir)
-    yield url, model
+        # 2 x 0.25 CPU fits beside the shard actor's 1 on the tests' 2-CPU Ray.
+        "port": free_port(), "replicas": 2, "cpus_per_replica": 0.25, "max_items": MAX_ITEMS,
+        "max_request_bytes": MAX_BYTES, "url_timeout": 2.0})})
+    serving = start(cfg)
+    yield serving
+    serving.stop()
+    # Stopping serving stops the memory service's actors (ray.kill is asynchronous).
+    deadline = time.monotonic() + 30
+    while live_actors("ShardServer") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not live_actors("ShardServer"), "the memory service outlived `reco serve`"
+
+
+@pytest.fixture(scope="module")
+def served(serving, api_world):
+    """(base URL of the running application, the in-process API on the same workdir)."""
+    model = reco.load(api_world.workdir)
+    yield serving.url, model
     model.close()
-    serve.shutdown()
 
 
 def b64(path: Path) -> str:
@@ -114,6 +135,48 @@ def test_classify(served, images):
     expected = model.classify(images[:3], classnames, API_TEMPLATES)
     assert body["labels"] == expected.labels
     np.testing.assert_allclose(np.array(body["scores"], np.float32), expected.scores, atol=1e-5)
+
+
+def memory_files(pid: int, workdir: str) -> set[str]:
+    """The memory's files a process has mapped: the workdir's index and embedding files, or
+    a shard actor's local copies of them."""
+    with open(f"/proc/{pid}/maps") as maps:
+        paths = {line.split(maxsplit=5)[-1].strip() for line in maps if line.count(" ") >= 5}
+    index = os.path.join(os.path.realpath(workdir), "index")
+    return {p for p in paths if p.startswith(index) or "/reco-memory/" in p}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads what processes map from /proc")
+def test_replicas_share_one_memory_service(serving, served, api_world):
+    """One shard actor per index shard, not per replica; the replicas map none of the memory."""
+    url, model = served
+    shards = len(IndexManifest.read(index_folder(api_world.workdir, "image")).shards)
+    shard_actors, replicas = live_actors("ShardServer"), live_actors("ServeReplica")
+    assert len(replicas) == 2
+    assert len(shard_actors) == shards == len(serving.memory._servers)
+    assert {a["ActorID"] for a in shard_actors} == {s._actor_id.hex() for s in serving.memory._servers}
+    # This process's in-process API maps the workdir's files: the check sees a memory where one is.
+    assert memory_files(os.getpid(), api_world.workdir)
+    assert all(memory_files(a["Pid"], api_world.workdir) for a in shard_actors)
+    assert not any(memory_files(r["Pid"], api_world.workdir) for r in replicas)
+    # Serve routes each request to either replica: the answers are the in-process API's.
+    texts = ["a photo of a ronlo."]
+    for _ in range(6):
+        status, body = post(f"{url}/embed/text", {"texts": texts})
+        assert status == 200
+        np.testing.assert_allclose(np.array(body["embeddings"], np.float32), model.encode_text(texts), atol=1e-5)
+
+
+def test_load_searches_a_given_memory_and_leaves_it_open(serving, served, api_world):
+    """`reco.load(..., memory=)` (what each replica does) answers as the in-process API, and
+    its close leaves the service to its opener."""
+    _, model = served
+    shared = reco.load(api_world.workdir, memory=serving.memory)
+    texts = ["a photo of a pelka.", "a blue square"]
+    np.testing.assert_allclose(shared.encode_text(texts), model.encode_text(texts), atol=1e-5)
+    shared.close()
+    assert len(live_actors("ShardServer")) == len(serving.memory._servers)
+    assert serving.memory.search(model.encode_text(texts, refine=False), 2, "text")[1].shape == (2, 2)
 
 
 CLOSED_PORT = free_port()  # bound and released: nothing listens there
@@ -162,6 +225,10 @@ def test_bad_serve_config_is_named_before_start(api_world, tmp_path):
         check_serve(shrinking)
     with pytest.raises(ConfigError, match="no trained fusion model"):
         check_serve(api_world.model_copy(update={"workdir": str(tmp_path)}))
+    # More replicas than the tests' 2-CPU Ray can place: said, rather than waited for forever.
+    crowded = api_world.model_copy(update={"serve": api_world.serve.model_copy(update={"replicas": 3})})
+    with pytest.raises(ConfigError, match=r"serve.cpus_per_replica: 3 replica\(s\) x 1 CPU do not fit"):
+        check_room(crowded)
 
 
 @pytest.mark.slow
