@@ -27,9 +27,9 @@ from reco.contracts import NeighborsManifest, neighbors_table
 from reco.demo import neighbour_splits as synthetic
 from reco.fusion import load_fusion
 from tests.conftest import make_config
-from training.loop import NonFiniteLossError
+from training.loop import NonFiniteLossError, dataset_name
 from training.loss import RecoLoss
-from training.train import train
+from training.train import epoch_datasets, train
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -99,6 +99,34 @@ def test_training_lowers_the_loss_and_refined_beats_frozen(trained, data):
     # The saved model is the trained one, with the config that made it.
     assert full_batch_loss(workdir / "train" / "model", data) < loss[0][1]
     assert meta["config"]["train"]["lr"] == TRAIN["lr"]
+
+
+def _epoch_orders(workdir: Path, seed: int, epochs: list[int]) -> list[np.ndarray]:
+    """The ids of each epoch's dataset, in the order training reads them (preserve_order)."""
+    cfg = make_config(workdir, seed=seed, neighbors={"k": K}, train=TRAIN)
+    urls = sorted(str(p) for p in (workdir / "neighbors" / "train").glob("part-*.parquet"))
+    datasets = epoch_datasets(cfg, urls, ["id"])
+    orders = []
+    for epoch in epochs:
+        dataset = datasets[dataset_name(epoch, True)]
+        dataset.context.execution_options.preserve_order = True
+        orders.append(np.concatenate([b["id"] for b in dataset.iter_batches(batch_size=None,
+                                                                             batch_format="numpy")]))
+    return orders
+
+
+def test_each_epoch_is_a_seeded_permutation_of_the_whole_split(tmp_path):
+    write_split(tmp_path, synthetic_split(rows=256), shards=4)  # ids 64*i .. 64*i+63 in part i
+    first, second = _epoch_orders(tmp_path, seed=0, epochs=[0, 1])
+    for order in first, second:
+        assert sorted(order.tolist()) == list(range(256))  # every row exactly once
+    assert (first != second).mean() > 0.9  # each epoch its own order
+    batch = first[:TRAIN["batch_size"]]
+    assert len(set(batch // 64)) == 4, batch  # the first batch draws on every shard
+    assert not (np.diff(first) == 1).all()
+    # The same seed and epoch give the same order in another execution (a resumed run).
+    again, = _epoch_orders(tmp_path, seed=0, epochs=[1])
+    np.testing.assert_array_equal(again, second)
 
 
 def test_rerun_skips_a_finished_run(trained):
