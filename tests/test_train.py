@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import yaml
 
@@ -27,14 +28,21 @@ from reco.contracts import NeighborsManifest, neighbors_table
 from reco.demo import neighbour_splits as synthetic
 from reco.fusion import load_fusion
 from tests.conftest import make_config
-from training.loop import NonFiniteLossError
+from training.loop import NonFiniteLossError, dataset_name
 from training.loss import RecoLoss
-from training.train import train
+from training.train import epoch_datasets, train
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
+# Ray Train's controller polls its workers (and registers their checkpoints) every 2 s by
+# default, and starts a preemption watcher actor per run: on 2 shared cores a test run
+# waits less with a shorter poll and one process fewer. Ray Train hands both variables
+# from the driver to its controller (also the `reco train` subprocess's below).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 D, K, ROWS = 32, 4, 512
-TRAIN = {"batch_size": 32, "epochs": 2, "lr": 3e-3, "warmup_steps": 4, "checkpoint_every": 4,
+TRAIN = {"batch_size": 32, "epochs": 2, "lr": 3e-3, "warmup_steps": 4, "checkpoint_every": 8,
          "shuffle_buffer": 128, "log_every": 8}
 
 
@@ -101,6 +109,34 @@ def test_training_lowers_the_loss_and_refined_beats_frozen(trained, data):
     assert meta["config"]["train"]["lr"] == TRAIN["lr"]
 
 
+def _epoch_orders(workdir: Path, seed: int, epochs: list[int]) -> list[np.ndarray]:
+    """The ids of each epoch's dataset, in the order training reads them (preserve_order)."""
+    cfg = make_config(workdir, seed=seed, neighbors={"k": K}, train=TRAIN)
+    urls = sorted(str(p) for p in (workdir / "neighbors" / "train").glob("part-*.parquet"))
+    datasets = epoch_datasets(cfg, urls, ["id"])
+    orders = []
+    for epoch in epochs:
+        dataset = datasets[dataset_name(epoch, True)]
+        dataset.context.execution_options.preserve_order = True
+        orders.append(np.concatenate([b["id"] for b in dataset.iter_batches(batch_size=None,
+                                                                             batch_format="numpy")]))
+    return orders
+
+
+def test_each_epoch_is_a_seeded_permutation_of_the_whole_split(tmp_path):
+    write_split(tmp_path, synthetic_split(rows=256), shards=4)  # ids 64*i .. 64*i+63 in part i
+    first, second = _epoch_orders(tmp_path, seed=0, epochs=[0, 1])
+    for order in first, second:
+        assert sorted(order.tolist()) == list(range(256))  # every row exactly once
+    assert (first != second).mean() > 0.9  # each epoch its own order
+    batch = first[:TRAIN["batch_size"]]
+    assert len(set(batch // 64)) == 4, batch  # the first batch draws on every shard
+    assert not (np.diff(first) == 1).all()
+    # The same seed and epoch give the same order in another execution (a resumed run).
+    again, = _epoch_orders(tmp_path, seed=0, epochs=[1])
+    np.testing.assert_array_equal(again, second)
+
+
 def test_rerun_skips_a_finished_run(trained):
     workdir, meta = trained
     weights = workdir / "train" / "model" / "fusion.pt"
@@ -120,14 +156,30 @@ def _checkpoint_step(run_dir: Path) -> int:
     return max(steps)
 
 
+def _train_workers() -> list[int]:
+    """This session's Ray Train worker processes."""
+    found = []
+    for pid in _descendants(os.getpid()):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 def _kill_after(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> int:
-    """SIGKILL the run's whole process group (driver, its Ray cluster, the training worker)
-    once it has checkpointed `step`; returns the step of the checkpoint left behind."""
+    """SIGKILL the `reco train` driver once its run has checkpointed `step`; Ray then ends
+    the job's controller and workers. Returns the step of the checkpoint left behind, once
+    no training worker is left to write another."""
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline and _checkpoint_step(run_dir) < step:
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    while _train_workers() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _train_workers(), "the killed driver's training workers outlived it"
     return _checkpoint_step(run_dir)
 
 
@@ -142,13 +194,14 @@ def _same_weights(a_dir: Path, b_dir: Path) -> float:
 def test_killed_run_resumes_to_the_same_weights(trained, tmp_path):
     workdir, meta = trained
     write_split(tmp_path, synthetic_split())
-    cfg = config(tmp_path, checkpoint_every=2)
+    cfg = config(tmp_path, checkpoint_every=6)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    # Its own Ray cluster, in its own process group: the kill takes the workers down at once.
+    # A driver joining this session's Ray (no second cluster to start), in its own process
+    # group: killing it is the driver's death; Ray ends its job's actors.
     proc = subprocess.Popen([sys.executable, "-m", "reco.cli", "train", str(cfg_file)],
-                            env={**os.environ, "RAY_ADDRESS": "local"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_at = _kill_after(proc, tmp_path / "train" / "ray" / "model", 18)
     # Killed in the second epoch (16 steps each), past its first batches.
     assert 18 <= killed_at < meta["steps"], killed_at
@@ -189,12 +242,11 @@ def _kill_train_workers_after(run_dir: Path, killed: list[int], stop: threading.
         time.sleep(0.005)
     if stop.is_set():
         return
-    for pid in _descendants(os.getpid()):
+    for pid in _train_workers():
         try:
-            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        except (OSError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
             pass
 
 

@@ -5,8 +5,9 @@ the final model.
 A worker (re)starts from `ray.train.get_checkpoint()`, the latest checkpoint this run
 reported (after a lost worker, or a re-run of the same command), else afresh. The data
 position of a step is a pure function of the step: every epoch has exactly
-`steps_per_epoch` batches in an order fixed by the seed, so a resumed run skips the
-batches of the checkpoint's epoch that were already trained on.
+`steps_per_epoch` batches in an order fixed by the seed and the epoch (each epoch is its
+own seeded permutation of the whole split), so a resumed run skips the batches of the
+checkpoint's epoch that were already trained on.
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def in_batch_accuracy(images: torch.Tensor, texts: torch.Tensor) -> float:
     """Share of images whose most similar text in the batch is their own."""
     hits = (images @ texts.T).argmax(dim=1) == torch.arange(len(images), device=images.device)
     return hits.float().mean().item()
+
+
+def dataset_name(epoch: int, shuffled: bool) -> str:
+    """The Ray Train dataset a worker reads in `epoch`: with the shuffle, each epoch's own
+    whole-split permutation (`training.train.epoch_datasets`); without, the one file-order
+    dataset."""
+    return f"train-epoch-{epoch}" if shuffled else "train"
 
 
 CHECKPOINT_STATE = "state.pt"
@@ -188,14 +196,11 @@ class Trainer:
         """Train to the last step; returns the last step's metrics, or {"error": message}
         for a non-finite loss, which every worker meets at the same step (the loss is the
         global batch's): the run stops there instead of being retried into the same NaN."""
-        shard = ray.train.get_dataset_shard("train")
         per_worker = self.cfg.train.batch_size // self.world
         while self.step < self.plan.total_steps:
             epoch, skip = divmod(self.step, self.plan.steps_per_epoch)
-            batches = shard.iter_batches(
-                batch_size=per_worker, batch_format="pyarrow", drop_last=True,
-                local_shuffle_buffer_size=self.cfg.train.shuffle_buffer or None,
-                local_shuffle_seed=self.cfg.seed + epoch if self.cfg.train.shuffle_buffer else None)
+            shard = ray.train.get_dataset_shard(dataset_name(epoch, self.cfg.train.shuffle_buffer > 0))
+            batches = shard.iter_batches(batch_size=per_worker, batch_format="pyarrow", drop_last=True)
             seen = 0
             for seen, batch in enumerate(batches, start=1):
                 if seen > skip and seen <= self.plan.steps_per_epoch:

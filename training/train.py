@@ -1,7 +1,8 @@
 """`reco train`: the fusion modules trained with the RECO loss, as a Ray Train job.
 
 Workers (`train.num_workers`, `train.use_gpu`) each stream their own split of the
-neighbour shards with Ray Data; gradients are all-reduced by DDP. Every
+neighbour shards with Ray Data, every epoch in a new random order over the whole split
+(seeded by `seed + epoch`); gradients are all-reduced by DDP. Every
 `train.checkpoint_every` steps the workers report a checkpoint to Ray Train, kept in
 `<workdir>/train/ray/<run>/`: a lost worker is replaced and the run goes on from there
 (up to `train.max_failures` times), and a re-run of a killed driver resumes there too,
@@ -32,8 +33,8 @@ from reco.contracts import (FUSION_META, TRAIN_DIR, NeighborsManifest, fusion_mo
                             neighbors_folder, token_columns)
 from reco.depends import TRAIN_RUNTIME, neighbors_generation, stage_depends
 from reco.fusion import RecoFusion, save_fusion
-from training.loop import (CHECKPOINT_META, NonFiniteLossError, Plan, check_fingerprint, fusion_meta,
-                           train_loop_per_worker)
+from training.loop import (CHECKPOINT_META, NonFiniteLossError, Plan, check_fingerprint, dataset_name,
+                           fusion_meta, train_loop_per_worker)
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +188,40 @@ def run_config(cfg: RecoConfig) -> RunConfig:
                      logging_config=LoggingConfig(log_level=ray_train_log_level()))
 
 
+def epoch_datasets(cfg: RecoConfig, urls: list[str], columns: list[str]) -> dict[str, ray.data.Dataset]:
+    """The Ray Data datasets the workers read, by name (`training.loop.dataset_name`).
+
+    With `train.shuffle_buffer` > 0, one per epoch: the whole split in a random order,
+    Ray Data's distributed `random_shuffle` seeded with `seed + epoch`. An integer seed
+    gives the same permutation every time a dataset executes, so each epoch has its own
+    dataset: epochs differ, and a resumed run (a replaced worker group, a re-run command)
+    sees the same order as the run it continues. The shuffle goes through the object
+    store (spilled to disk), not a worker's memory. With 0, one dataset in file order."""
+    base = ray.data.read_parquet(urls).select_columns(columns)
+    if not cfg.train.shuffle_buffer:
+        named = {dataset_name(0, False): base}
+    else:
+        named = {dataset_name(epoch, True): base.random_shuffle(seed=cfg.seed + epoch)
+                 for epoch in range(cfg.train.epochs)}
+    for dataset in named.values():
+        # The workers log their steps; Ray Data's bars, redrawn every epoch by the split
+        # coordinator, would bury them.
+        dataset.context.enable_progress_bars = False
+    return named
+
+
 def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
     t = cfg.train
     columns = ["id", "image_embedding", "text_embedding"] + (list(token_columns(t.fuse)) if plan.k else [])
-    dataset = ray.data.read_parquet(urls).select_columns(columns)
-    # The workers log their steps; Ray Data's bars, redrawn every epoch by the split
-    # coordinator, would bury them.
-    dataset.context.enable_progress_bars = False
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    # preserve_order: the same seed gives the same batches, which exact resumption needs.
+    # preserve_order: the same seed gives the same batches on every worker, which exact
+    # resumption needs.
     options = ray.data.ExecutionOptions(preserve_order=True)
     return TorchTrainer(
         train_loop_per_worker, train_loop_config={"cfg": cfg.model_dump_json(), "plan": plan.model_dump()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
-        datasets={"train": dataset}, dataset_config=DataConfig(execution_options=options),
+        datasets=epoch_datasets(cfg, urls, columns), dataset_config=DataConfig(execution_options=options),
         run_config=run_config(cfg))
 
 
