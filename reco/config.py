@@ -200,10 +200,10 @@ class TrainConfig(Section):
     the run fails (0: the first failure ends it; a re-run of `reco train` resumes anyway)."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Autocast dtype on GPU; CPU always runs fp32."""
-    shuffle_buffer: int = Field(10000, ge=0)
-    """0: every epoch in file order. Any other value: every epoch a new random permutation
-    of the whole split (Ray Data's distributed `random_shuffle`, seeded with `seed + epoch`,
-    so a resumed run sees the same order); the value is not a buffer size any more."""
+    shuffle: bool = True
+    """Every epoch a new random permutation of the whole split (Ray Data's distributed
+    `random_shuffle`, seeded with `seed + epoch`, so a resumed run sees the same order);
+    false: every epoch in file order."""
     log_every: int = Field(1, gt=0)
     """Steps between logged metrics (TensorBoard under `<workdir>/train/logs/`)."""
     fuse: Fuse = "cross"

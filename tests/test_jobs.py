@@ -168,7 +168,7 @@ def write_run_config(path: Path, workdir: Path, checkpoint: str, corpus: str, im
         # An untrained reco-tiny maps these images close together: only copies pass 0.999.
         "neighbors": {"k": 4, "dedup_threshold": 0.999, "batch_size": 64},
         "train": {"num_workers": 1, "batch_size": 16, "epochs": 1, "warmup_steps": 1,
-                  "checkpoint_every": 1000, "precision": "fp32", "shuffle_buffer": 0},
+                  "checkpoint_every": 1000, "precision": "fp32", "shuffle": False},
         "evaluate": {"datasets": [{"name": "shapes", "kind": "imagefolder", "path": images,
                                    "templates": ["a photo of a {c}."]}]},
     }

@@ -43,7 +43,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 D, K, ROWS = 32, 4, 512
 TRAIN = {"batch_size": 32, "epochs": 2, "lr": 3e-3, "warmup_steps": 4, "checkpoint_every": 8,
-         "shuffle_buffer": 128, "log_every": 8}
+         "shuffle": True, "log_every": 8}
 
 
 def synthetic_split(rows: int = ROWS, d: int = D, k: int = K) -> dict[str, np.ndarray]:
@@ -318,7 +318,7 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_the_checkpoint(tmp_path, d
     bad["image"][150] = np.nan  # in the 5th batch of the first epoch (file order)
     write_split(tmp_path, bad)
     with pytest.raises(NonFiniteLossError, match=r"at step 5 \(epoch 0, batch 4, query ids \[128"):
-        train(config(tmp_path, shuffle_buffer=0, checkpoint_every=1, epochs=1))
+        train(config(tmp_path, shuffle=False, checkpoint_every=1, epochs=1))
     assert _checkpoint_step(tmp_path / "train" / "ray" / "model") == 4
     assert not (tmp_path / "train" / "model").exists()
 

@@ -199,7 +199,7 @@ class Trainer:
         per_worker = self.cfg.train.batch_size // self.world
         while self.step < self.plan.total_steps:
             epoch, skip = divmod(self.step, self.plan.steps_per_epoch)
-            shard = ray.train.get_dataset_shard(dataset_name(epoch, self.cfg.train.shuffle_buffer > 0))
+            shard = ray.train.get_dataset_shard(dataset_name(epoch, self.cfg.train.shuffle))
             batches = shard.iter_batches(batch_size=per_worker, batch_format="pyarrow", drop_last=True)
             seen = 0
             for seen, batch in enumerate(batches, start=1):

@@ -191,14 +191,14 @@ def run_config(cfg: RecoConfig) -> RunConfig:
 def epoch_datasets(cfg: RecoConfig, urls: list[str], columns: list[str]) -> dict[str, ray.data.Dataset]:
     """The Ray Data datasets the workers read, by name (`training.loop.dataset_name`).
 
-    With `train.shuffle_buffer` > 0, one per epoch: the whole split in a random order,
+    With `train.shuffle`, one per epoch: the whole split in a random order,
     Ray Data's distributed `random_shuffle` seeded with `seed + epoch`. An integer seed
     gives the same permutation every time a dataset executes, so each epoch has its own
     dataset: epochs differ, and a resumed run (a replaced worker group, a re-run command)
     sees the same order as the run it continues. The shuffle goes through the object
-    store (spilled to disk), not a worker's memory. With 0, one dataset in file order."""
+    store (spilled to disk), not a worker's memory. Without, one dataset in file order."""
     base = ray.data.read_parquet(urls).select_columns(columns)
-    if not cfg.train.shuffle_buffer:
+    if not cfg.train.shuffle:
         named = {dataset_name(0, False): base}
     else:
         named = {dataset_name(epoch, True): base.random_shuffle(seed=cfg.seed + epoch)
