@@ -1,17 +1,21 @@
 """Joining Ray: the cluster named by RAY_ADDRESS (a job, a `ray start` head), else a local one.
 
 Also a quiet console: our stages' progress and results, not Ray's internals (execution
-plans, actor start-up warnings, the token-authentication notice). `reco -v` (RECO_VERBOSE=1)
-shows them again. Token authentication itself stays as Ray sets it; only its log line goes.
+plans, actor start-up warnings, the token-authentication notice, C++ notices streamed from
+Ray's processes). `reco -v` (RECO_VERBOSE=1) shows them again. Token authentication itself
+stays as Ray sets it; only its log line goes.
+
+Ray is imported only inside functions: the driver's console filter
+(RAY_DEDUP_LOGS_SKIP_REGEX) is read when `ray` is first imported, so the CLI must be able to
+call quiet_ray_logging before that.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
-
-import ray
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +30,30 @@ QUIET_LEVELS = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
     # Ray Train V2 names this logger by its file's path, outside the "ray" tree: it logs
     # "Reporting training result ..." at every checkpoint.
-    os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py"): logging.WARNING,
+    os.path.join(os.path.dirname(importlib.util.find_spec("ray").origin),
+                 "train", "v2", "_internal", "execution", "context.py"): logging.WARNING,
+    # "Failed to send resource request ... safe to ignore" and a GetTimeoutError traceback,
+    # from Ray Train's controller when the machine is too loaded to answer within its timeout.
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": logging.ERROR,
     "faiss": logging.WARNING,
     "autofaiss": logging.WARNING,
 }
 QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Lines that Ray's processes write to their log files and that the driver would print too
+# (log_to_driver): the driver skips those matching this regex (Ray reads it once, when `ray`
+# is imported; the files under the session's logs/ folder keep every line).
+CONSOLE_SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
+CONSOLE_SKIP = {
+    # A core worker's C++ notice, once per Ray Train run (worker-*.err).
+    "constructor arguments": r"core_worker\.cc:\d+: Actor with class name: .* has constructor "
+                             r"arguments in the object store",
+    # The raylet, when workers start faster than it expects (raylet.out).
+    "startup concurrency": r"worker processes have been started on node: .* maximum expected "
+                           r"startup concurrency",
+    # The GCS, killing an actor whose process already went (gcs_server.out, .err).
+    "kill actor": r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor",
+}
 
 
 def verbose() -> bool:
@@ -46,6 +68,8 @@ def quiet_ray_logging() -> None:
         return
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
+    # A regex of the user's own wins; only the driver's console uses it.
+    os.environ.setdefault(CONSOLE_SKIP_ENV, "|".join(f"({r})" for r in CONSOLE_SKIP.values()))
     for name, level in QUIET_LEVELS.items():
         logging.getLogger(name).setLevel(level)
 
@@ -59,6 +83,8 @@ def setup_worker() -> None:
     """Every Ray worker's setup hook: the driver's console settings, and RAY_ADDRESS naming
     this cluster, so that Ray's own State API clients in workers (Ray Train's placement
     group cleaner) do not die of "Found multiple active Ray instances" on a shared machine."""
+    import ray
+
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     quiet_ray_logging()
 
@@ -82,6 +108,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     cluster sized to the machine is started, bound to 127.0.0.1 (the
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 switch makes Ray use the loopback address).
     """
+    import ray
+
     if ray.is_initialized():
         return
     quiet_ray_logging()
@@ -99,8 +127,12 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def cluster_gpus() -> int:
+    import ray
+
     return int(ray.cluster_resources().get("GPU", 0))
 
 
 def cluster_cpus() -> int:
+    import ray
+
     return int(ray.cluster_resources().get("CPU", 1))

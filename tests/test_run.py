@@ -101,13 +101,17 @@ def test_no_url_list_and_no_shards_is_an_error(tmp_path, tiny_checkpoint):
 def test_quiet_console_settings(monkeypatch, caplog):
     """Ray's loggers are quieted, ours are not; a submitted job's own settings are kept."""
     import logging
+    import os
+    import re
 
     from reco import cluster
 
     caplog.set_level(logging.INFO)  # as the CLI sets it
 
-    for name in (cluster.VERBOSE_ENV, cluster.JOB_CONFIG_ENV, *cluster.QUIET_ENV):
-        monkeypatch.delenv(name, raising=False)
+    for name in (cluster.VERBOSE_ENV, cluster.JOB_CONFIG_ENV, cluster.CONSOLE_SKIP_ENV,
+                 *cluster.QUIET_ENV):
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores them after quiet_ray_logging
+        monkeypatch.delenv(name)
     levels = {name: logging.getLogger(name).level for name in cluster.QUIET_LEVELS}
     try:
         cluster.quiet_ray_logging()
@@ -116,6 +120,15 @@ def test_quiet_console_settings(monkeypatch, caplog):
         assert not logging.getLogger("ray.data").isEnabledFor(logging.INFO)
         from ray.train.v2._internal.execution import context  # "Reporting training result ..."
         assert not context.logger.isEnabledFor(logging.INFO)
+        from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+        assert not client.logger.isEnabledFor(logging.WARNING)  # "Failed to send resource request"
+        skip = re.compile(os.environ[cluster.CONSOLE_SKIP_ENV])  # the driver's console skips these
+        assert skip.search("core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: 'ab'"
+                           " has constructor arguments in the object store and max_restarts > 0.")
+        assert skip.search("WARNING: 8 PYTHON worker processes have been started on node: ab with address:"
+                           " 192.0.2.2, which is 4x the maximum expected startup concurrency (2).")
+        assert skip.search("(gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor ab, return status")
+        assert not skip.search("reco: embedded 48 rows")
         assert logging.getLogger("training.loop").isEnabledFor(logging.INFO)
     finally:
         for name, level in levels.items():
@@ -128,6 +141,69 @@ def test_quiet_console_settings(monkeypatch, caplog):
     monkeypatch.delenv(cluster.JOB_CONFIG_ENV)
     monkeypatch.setenv(cluster.VERBOSE_ENV, "1")
     assert cluster._worker_runtime_env() == {"env_vars": {cluster.VERBOSE_ENV: "1"}, **hook}
+
+
+# A tiny driver: its worker writes, to its stderr (a log file under the session's logs/),
+# one line like each notice the quiet console skips, a Ray Train warning it quiets and a line
+# of ours; Ray's driver streams worker output to the console (log_to_driver).
+CONSOLE_SCRIPT = r"""
+import logging, os, sys, time
+from reco.cli import _setup_logging
+_setup_logging(os.environ.get("RECO_VERBOSE") == "1")
+from reco.cluster import init_ray
+import ray
+init_ray(num_cpus=1)
+
+@ray.remote
+def notices():
+    for line in [
+        "[2026-11-26 15:29:32,970 E 3405 3496] core_worker.cc:2465: Actor with class name: "
+        "'PreemptionWatcher' and ID: 'ab12' has constructor arguments in the object store and "
+        "max_restarts > 0.",
+        "WARNING: 8 PYTHON worker processes have been started on node: ab12 with address: "
+        "192.0.2.2. This is 4x the maximum expected startup concurrency (2).",
+        "[2026-11-26 15:29:32,970 E 1 1] (gcs_server) gcs_actor_scheduler.cc:538: Failed to "
+        "kill actor ab12, return status: Invalid",
+        "reco-console-marker: ours",
+    ]:
+        print(line, file=sys.stderr, flush=True)
+    logging.getLogger("ray.train.v2._internal.execution.scaling_policy."
+                      "autoscaling_coordinator_client").warning("Failed to send resource request")
+    sys.stderr.flush()
+    return os.readlink("/proc/self/fd/2")
+
+err_file = ray.get(notices.remote())
+time.sleep(3)  # the log monitor polls the files
+print("ERR_FILE", err_file, flush=True)
+ray.shutdown()
+"""
+NOTICES = ["has constructor arguments", "maximum expected startup concurrency",
+           "Failed to kill actor", "Failed to send resource request"]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_quiet_console_skips_rays_notices(tmp_path, verbose):
+    """Without -v, Ray's notices stay off the console (and in the log files); with -v they show."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RECO_VERBOSE", "RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    if verbose:
+        env["RECO_VERBOSE"] = "1"
+    done = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console
+    assert "reco-console-marker: ours" in console
+    shown = [n for n in NOTICES if n in console]
+    assert shown == (NOTICES if verbose else []), console
+    err_file = console.split("ERR_FILE ", 1)[1].split()[0]
+    kept = Path(err_file).read_text()
+    # The C++ notices the console skips stay in the worker's log file.
+    assert all(n in kept for n in NOTICES[:3])
 
 
 def test_ablations_train_each_variant_and_report_a_column_each(world):
