@@ -61,7 +61,7 @@ def _plot(results: list[dict[str, Any]]) -> bytes:
 
     systems = _present(results)
     width = 0.8 / len(systems)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(results) + 1.5), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, (0.25 * len(systems) + 0.5) * len(results) + 1.5), 4.6))
     for i, (key, label, colour) in enumerate(systems):
         xs = [j + (i - (len(systems) - 1) / 2) * width for j, r in enumerate(results) if key in r]
         ys = [r[key] for r in results if key in r]
@@ -74,12 +74,13 @@ def _plot(results: list[dict[str, Any]]) -> bytes:
     ax.set_ylim(0, top * 1.1 + 2)  # room for the value labels above the tallest bar
     ax.set_yticks([t for t in ax.get_yticks() if t <= 100])
     ax.set_title("Zero-shot results: frozen CLIP vs RECO")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(systems), fontsize=9,
+    # At most four legend entries a row: seven ablation columns in one row are wider than the plot.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(len(systems), 4), fontsize=9,
               frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")  # the legend sits below the axes
     plt.close(fig)
     return buf.getvalue()
 
