@@ -201,9 +201,14 @@ class TrainConfig(Section):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Autocast dtype on GPU; CPU always runs fp32."""
     shuffle: bool = True
-    """Every epoch a new random permutation of the whole split (Ray Data's distributed
-    `random_shuffle`, seeded with `seed + epoch`, so a resumed run sees the same order);
-    false: every epoch in file order."""
+    """Every epoch a new random permutation of the whole split, seeded with `seed + epoch`
+    so a resumed run sees the same order (see `in_memory_gb`); false: every epoch in file
+    order."""
+    in_memory_gb: float = Field(2.0, ge=0)
+    """A split whose tensors (float32) fit in this many GB is read whole by every worker once
+    and shuffled there, each epoch a permutation seeded with `seed + epoch`, every worker
+    taking its slice of each global batch; a larger one streams through Ray Data, shuffled
+    with its distributed `random_shuffle`. 0: always stream."""
     log_every: int = Field(1, gt=0)
     """Steps between logged metrics (TensorBoard under `<workdir>/train/logs/`)."""
     fuse: Fuse = "cross"

@@ -31,7 +31,8 @@ DOWNLOAD_RUNTIME = {"processes_count", "thread_count", "max_shard_retry", "incre
 INDEX_RUNTIME = {"use_gpu", "growth_warning", "retrain"}
 """`retrain` says what to do when the memory grew, not what the index is."""
 NEIGHBORS_RUNTIME = {"batch_size", "num_actors"}
-TRAIN_RUNTIME = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every", "max_failures"}
+TRAIN_RUNTIME = {"num_workers", "use_gpu", "cpus_per_worker", "checkpoint_every", "log_every", "max_failures",
+                 "in_memory_gb"}
 """Train settings that may change between a run and its resumption."""
 EVALUATE_RUNTIME = {"batch_size"}
 REPORT = "report.json"

@@ -81,10 +81,10 @@ def test_ablation_needs_what_it_fuses(tmp_path, split, train_cfg, message):
 def test_search_and_fuse_enter_the_training_fingerprint(tmp_path):
     manifest = NeighborsManifest(split="train", input="memory", model="m", pretrained=None, d=D, k=K,
                                  dtype="float16", dedup_threshold=0.95, total_rows=ROWS)
-    plain = make_plan(config(tmp_path), manifest)
+    plain = make_plan(config(tmp_path), manifest, [])
     assert plain.neighbors["search"] == "uni" and plain.fingerprint["fuse"] == "cross"
-    uni = make_plan(config(tmp_path, fuse="uni"), manifest)
-    cross = make_plan(config(tmp_path), manifest.model_copy(update={"search": "cross"}))
+    uni = make_plan(config(tmp_path, fuse="uni"), manifest, [])
+    cross = make_plan(config(tmp_path), manifest.model_copy(update={"search": "cross"}), [])
     assert len({str(p.fingerprint) for p in (plain, uni, cross)}) == 3
 
 

@@ -26,6 +26,7 @@ import ray.train.torch
 import torch
 from pydantic import BaseModel
 
+from reco import storage
 from reco.config import ConfigError, Fuse, RecoConfig
 from reco.contracts import embeddings_to_numpy, nested_to_numpy, token_columns
 from reco.errors import RecoError
@@ -51,6 +52,12 @@ class Plan(BaseModel):
     """URL of the folder where Ray Train keeps this run's checkpoints."""
     model_dir: str
     logdir: str
+    urls: list[str]
+    """The split's Parquet shards, in the manifest's order."""
+    columns: list[str]
+    """The columns trained on (no neighbour tokens for the control)."""
+    in_memory: bool
+    """Every worker reads the whole split once (`SplitInMemory`); else Ray Data streams it."""
     fingerprint: dict
     """The settings a checkpoint must share to be resumed from."""
     neighbors: dict
@@ -89,6 +96,33 @@ def batch_tensors(batch: pa.Table, k: int, fuse: Fuse, device: torch.device) -> 
         out[f"{query}_missing"] = (batch[ids].combine_chunks().flatten().to_numpy().reshape(n, k) < 0 if k
                                    else np.zeros((n, 0), bool))
     return {name: torch.from_numpy(x).to(device, non_blocking=True) for name, x in out.items()}
+
+
+class SplitInMemory:
+    """The whole split as tensors in one worker, read once, for splits that fit
+    (`train.in_memory_gb`): an epoch is then a permutation of row indices, not a pass of
+    the shards through Ray Data."""
+
+    def __init__(self, urls: list[str], columns: list[str], k: int, fuse: Fuse):
+        table = pa.concat_tables(storage.read_parquet(url, columns) for url in urls)
+        self.tensors = batch_tensors(table, k, fuse, torch.device("cpu"))
+        self.ids = table["id"].to_numpy()
+
+    def order(self, epoch: int, seed: int, shuffle: bool) -> torch.Tensor:
+        """The epoch's row order: the same on every worker (each takes its slice of every
+        global batch), a pure function of the seed and the epoch, so a resumed run, with any
+        number of workers, sees the order of the run it continues."""
+        rows = len(self.ids)
+        if not shuffle:
+            return torch.arange(rows)
+        return torch.randperm(rows, generator=torch.Generator().manual_seed(seed + epoch))
+
+    @staticmethod
+    def worker_rows(order: torch.Tensor, index: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+        """Worker `rank`'s slice of global batch `index` of an epoch in `order`."""
+        per_worker = batch_size // world
+        start = index * batch_size + rank * per_worker
+        return order[start:start + per_worker]
 
 
 def in_batch_accuracy(images: torch.Tensor, texts: torch.Tensor) -> float:
@@ -196,34 +230,49 @@ class Trainer:
         """Train to the last step; returns the last step's metrics, or {"error": message}
         for a non-finite loss, which every worker meets at the same step (the loss is the
         global batch's): the run stops there instead of being retried into the same NaN."""
-        per_worker = self.cfg.train.batch_size // self.world
+        split = (SplitInMemory(self.plan.urls, self.plan.columns, self.plan.k, self.cfg.train.fuse)
+                 if self.plan.in_memory else None)
         while self.step < self.plan.total_steps:
             epoch, skip = divmod(self.step, self.plan.steps_per_epoch)
-            shard = ray.train.get_dataset_shard(dataset_name(epoch, self.cfg.train.shuffle))
-            batches = shard.iter_batches(batch_size=per_worker, batch_format="pyarrow", drop_last=True)
-            seen = 0
-            for seen, batch in enumerate(batches, start=1):
-                if seen > skip and seen <= self.plan.steps_per_epoch:
-                    try:
-                        self.metrics = self.train_step(batch, epoch, seen - 1)
-                    except NonFiniteLossError as err:
-                        if self.rank == 0:
-                            self.writer.close()
-                        return {"error": str(err)}
-            if seen != self.plan.steps_per_epoch:
-                raise RuntimeError(f"worker {self.rank} got {seen} batches in epoch {epoch}, expected "
-                                   f"{self.plan.steps_per_epoch}: the neighbour shards changed during training")
+            batches = self._from_memory(split, epoch, skip) if split else self._streamed(epoch, skip)
+            for index, (x, ids) in enumerate(batches, start=skip):
+                try:
+                    self.metrics = self.train_step(x, ids, epoch, index)
+                except NonFiniteLossError as err:
+                    if self.rank == 0:
+                        self.writer.close()
+                    return {"error": str(err)}
         if self.rank == 0:
             self.finish(self.metrics)
         return self.metrics
 
-    def train_step(self, batch: pa.Table, epoch: int, index: int) -> dict:
-        x = batch_tensors(batch, self.plan.k, self.cfg.train.fuse, self.device)
+    def _from_memory(self, split: SplitInMemory, epoch: int, skip: int):
+        """(tensors, ids) of this worker's slice of each global batch of the epoch after `skip`."""
+        order = split.order(epoch, self.cfg.seed, self.cfg.train.shuffle)
+        for index in range(skip, self.plan.steps_per_epoch):
+            rows = split.worker_rows(order, index, self.cfg.train.batch_size, self.rank, self.world)
+            yield ({name: t[rows].to(self.device, non_blocking=True) for name, t in split.tensors.items()},
+                   split.ids[rows.numpy()])
+
+    def _streamed(self, epoch: int, skip: int):
+        """(tensors, ids) of the batches after `skip` of this worker's Ray Data split."""
+        shard = ray.train.get_dataset_shard(dataset_name(epoch, self.cfg.train.shuffle))
+        batches = shard.iter_batches(batch_size=self.cfg.train.batch_size // self.world,
+                                     batch_format="pyarrow", drop_last=True)
+        seen = 0
+        for seen, batch in enumerate(batches, start=1):
+            if skip < seen <= self.plan.steps_per_epoch:
+                yield batch_tensors(batch, self.plan.k, self.cfg.train.fuse, self.device), batch["id"].to_numpy()
+        if seen != self.plan.steps_per_epoch:
+            raise RuntimeError(f"worker {self.rank} got {seen} batches in epoch {epoch}, expected "
+                               f"{self.plan.steps_per_epoch}: the neighbour shards changed during training")
+
+    def train_step(self, x: dict[str, torch.Tensor], ids: np.ndarray, epoch: int, index: int) -> dict:
         with self.autocast:
             v_ref, t_ref = self.ddp(x["v"], x["v_tokens"], x["t"], x["t_tokens"], x["v_missing"], x["t_missing"])
             loss = self.loss_fn(x["v"], x["t"], v_ref.float(), t_ref.float(), self.model.logit_scale)
         if not torch.isfinite(loss):
-            ids = batch["id"].to_pylist()
+            ids = ids.tolist()
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step + 1} (epoch {epoch}, batch {index}, query ids "
                 f"{ids[:5]}{'...' if len(ids) > 5 else ''}); the last good checkpoint in "

@@ -1,8 +1,9 @@
 """`reco train`: the fusion modules trained with the RECO loss, as a Ray Train job.
 
-Workers (`train.num_workers`, `train.use_gpu`) each stream their own split of the
-neighbour shards with Ray Data, every epoch in a new random order over the whole split
-(seeded by `seed + epoch`); gradients are all-reduced by DDP. Every
+Workers (`train.num_workers`, `train.use_gpu`) read the neighbour shards every epoch in
+a new random order over the whole split (seeded by `seed + epoch`): a split that fits
+(`train.in_memory_gb`) is read once into each worker's memory, a larger one streams
+through Ray Data; gradients are all-reduced by DDP. Every
 `train.checkpoint_every` steps the workers report a checkpoint to Ray Train, kept in
 `<workdir>/train/ray/<run>/`: a lost worker is replaced and the run goes on from there
 (up to `train.max_failures` times), and a re-run of a killed driver resumes there too,
@@ -91,7 +92,13 @@ def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
     return manifest, _check_shards(manifest, folder, manifest.k)
 
 
-def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
+def split_gb(rows: int, d: int, k: int) -> float:
+    """The split's tensors in a worker's memory: float32 query embeddings and neighbour
+    tokens, int64 neighbour ids."""
+    return rows * ((2 + 2 * k) * d * 4 + (1 + 2 * k) * 8) / 1e9
+
+
+def make_plan(cfg: RecoConfig, manifest: NeighborsManifest, urls: list[str]) -> Plan:
     t = cfg.train
     k = manifest.k if t.retrieval else 0
     name = fusion_model_name(cfg.variant)
@@ -104,7 +111,9 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest) -> Plan:
                 "generation": neighbors_generation(manifest)}
     fingerprint = {**identity, "seed": cfg.seed,
                    **{key: v for key, v in t.model_dump(mode="json").items() if key not in TRAIN_RUNTIME}}
+    columns = ["id", "image_embedding", "text_embedding"] + (list(token_columns(t.fuse)) if k else [])
     return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
+                urls=urls, columns=columns, in_memory=split_gb(manifest.total_rows, manifest.d, k) <= t.in_memory_gb,
                 total_steps=steps_per_epoch * t.epochs,
                 checkpoints=cfg.path(TRAIN_DIR, RAY_DIR, name),
                 model_dir=fusion_model_dir(cfg.workdir, cfg.variant), logdir=cfg.path(TRAIN_DIR, "logs", name),
@@ -210,19 +219,19 @@ def epoch_datasets(cfg: RecoConfig, urls: list[str], columns: list[str]) -> dict
     return named
 
 
-def _trainer(cfg: RecoConfig, plan: Plan, urls: list[str]) -> TorchTrainer:
+def _trainer(cfg: RecoConfig, plan: Plan) -> TorchTrainer:
     t = cfg.train
-    columns = ["id", "image_embedding", "text_embedding"] + (list(token_columns(t.fuse)) if plan.k else [])
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     # preserve_order: the same seed gives the same batches on every worker, which exact
     # resumption needs.
-    options = ray.data.ExecutionOptions(preserve_order=True)
+    streamed = {} if plan.in_memory else {
+        "datasets": epoch_datasets(cfg, plan.urls, plan.columns),
+        "dataset_config": DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True))}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config={"cfg": cfg.model_dump_json(), "plan": plan.model_dump()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
-        datasets=epoch_datasets(cfg, urls, columns), dataset_config=DataConfig(execution_options=options),
-        run_config=run_config(cfg))
+        run_config=run_config(cfg), **streamed)
 
 
 def train(cfg: RecoConfig, replace: bool = False) -> dict:
@@ -230,7 +239,7 @@ def train(cfg: RecoConfig, replace: bool = False) -> dict:
     metadata saved with the final model (including its last step's metrics). A model or
     checkpoint of other settings is an error, or with `replace` (`reco run`) replaced."""
     manifest, urls = _validate(cfg)
-    plan = make_plan(cfg, manifest)
+    plan = make_plan(cfg, manifest, urls)
     depends = stage_depends(cfg, "train")
     done = _finished(plan, replace)
     if done is not None:
@@ -241,12 +250,12 @@ def train(cfg: RecoConfig, replace: bool = False) -> dict:
                     fusion_meta(cfg, plan, 0, {}, []), plan.model_dir)
         return _record(plan.model_dir, storage.read_json(storage.join(plan.model_dir, FUSION_META)), depends)
     latest = _check_checkpoints(plan, replace)
-    log.info("training %s: %d pairs, %d steps (%d per epoch), global batch %d on %d worker(s)%s",
-             plan.model_dir, plan.rows, plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
-             cfg.train.num_workers, f"; checkpoints up to step {latest[1]['step']} in storage" if latest else "")
+    log.info("training %s: %d pairs (%s), %d steps (%d per epoch), global batch %d on %d worker(s)%s",
+             plan.model_dir, plan.rows, "in each worker's memory" if plan.in_memory else "streamed by Ray Data",
+             plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size, cfg.train.num_workers, f"; checkpoints up to step {latest[1]['step']} in storage" if latest else "")
     init_ray()
     try:
-        result = _trainer(cfg, plan, urls).fit()
+        result = _trainer(cfg, plan).fit()
     except ray.train.WorkerGroupError as err:
         for failure in err.worker_failures.values():
             if isinstance(failure, (NonFiniteLossError, ConfigError)):
