@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from open_clip.loss import gather_features
 from torch import Tensor, nn
 
 
@@ -26,6 +25,10 @@ def gather(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     gradient (open_clip's gather, as its ClipLoss without gather_with_grad)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return a, b
+    # Imported here: open_clip's package import takes seconds, which every one-worker
+    # training process would pay at start-up for nothing.
+    from open_clip.loss import gather_features
+
     return gather_features(a.contiguous(), b.contiguous(), local_loss=False, gather_with_grad=False,
                            rank=dist.get_rank(), world_size=dist.get_world_size())
 
