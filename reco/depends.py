@@ -124,9 +124,11 @@ def _evaluate(cfg: RecoConfig) -> Depends:
             "inputs": {**_memory_generation(cfg.path(MEMORY_DIR), "memory"),
                        "index.generation": _index_generation(cfg),
                        "model.generation": model_generation(fusion_model_dir(cfg.workdir, cfg.variant)),
-                       # every variant a column could come from, trained or not
+                       # every variant a column could come from, trained or not: all ablations
+                       # with `evaluate.ablations`, else the control where one exists
+                       # (evaluation.evaluate.compared_variants)
                        **{f"{variant}.generation": model_generation(fusion_model_dir(cfg.workdir, variant))
-                          for variant in ABLATIONS}}}
+                          for variant in (ABLATIONS if cfg.evaluate.ablations else ["no_retrieval"])}}}
 
 
 _STAGES = {"download": _download, "index": _index, "neighbors": _neighbors, "train": _train,

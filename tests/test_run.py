@@ -235,3 +235,15 @@ def test_ablations_are_variants_of_reco_itself(world):
     base, checkpoint, _ = world
     with pytest.raises(ConfigError, match="evaluate.ablations: .* trains the variant search_cross"):
         run_pipeline(world_config(base, checkpoint, neighbors={"search": "cross"}, evaluate={"ablations": True}))
+
+
+@pytest.mark.parametrize("ablations", [False, True])
+def test_evaluate_depends_only_on_the_models_it_reports(tmp_path, ablations):
+    """A variant trained by hand beside a run without ablations is no column of its report,
+    so it must not make `reco run` re-run evaluate."""
+    from reco.depends import stage_depends
+
+    cfg = config_from_dict({"workdir": str(tmp_path), "evaluate": {"ablations": ablations}})
+    inputs = stage_depends(cfg, "evaluate")["inputs"]
+    variants = {key.split(".")[0] for key in inputs if key.endswith(".generation")} - {"memory", "index", "model"}
+    assert variants == ({"search_cross", "fuse_uni", "no_retrieval"} if ablations else {"no_retrieval"})
