@@ -46,7 +46,9 @@ class FusionModule(nn.Module):
         they are masked out of attention, so a query with k' < k neighbours is refined
         exactly as if only those k' had been given. The query token is never masked."""
         tokens = torch.cat([query.unsqueeze(1), retrieved.to(query.dtype)], dim=1)
-        mask = None if missing is None else F.pad(missing.to(torch.bool), (1, 0), value=False)
+        # No mask when no slot is missing (the usual batch): same result, but the masked
+        # attention path costs ~10-15% of a training step.
+        mask = None if missing is None or not missing.any() else F.pad(missing.to(torch.bool), (1, 0), value=False)
         return F.normalize(self.layer(tokens, src_key_padding_mask=mask)[:, 0], dim=-1)
 
 
