@@ -34,11 +34,9 @@ from training.train import epoch_datasets, train
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-# Ray Train's controller polls its workers (and registers their checkpoints) every 2 s by
-# default, and starts a preemption watcher actor per run: on 2 shared cores a test run
-# waits less with a shorter poll and one process fewer. Ray Train hands both variables
-# from the driver to its controller (also the `reco train` subprocess's below).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train starts a preemption watcher actor per run: on 2 shared cores a test run waits
+# less with one process fewer. Ray Train hands the variable from the driver to its
+# controller (also the `reco train` subprocess's below).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 D, K, ROWS = 32, 4, 512
