@@ -45,8 +45,9 @@ KEEP_CHECKPOINTS = 2
 """Checkpoints kept per run; Ray Train deletes older ones once a newer one is registered."""
 POLL_INTERVAL_S = "0.5"
 """How often Ray Train's controller polls its workers (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`,
-Ray's default 2 s). Every checkpoint report and the run's end wait for a poll: on the
-demo's 420-step run the default cost some 6 s. A value the user sets wins."""
+Ray's default 2 s). Every checkpoint report and the run's end wait for a poll: with the
+default a 32-step run with 4 checkpoints took 22 s instead of 14-16 s. A value the user
+sets wins."""
 
 
 def _check_shards(manifest: NeighborsManifest, folder: str, k: int) -> list[str]:
