@@ -1,5 +1,5 @@
-"""What each Ray Train worker runs: stream its split of the neighbour shards, train the
-fusion modules with the RECO loss, report checkpoints to Ray Train, and (rank 0) write
+"""What each Ray Train worker runs: read its part of each global batch of the neighbour
+shards (from the whole split in its memory, or streamed by Ray Data), train the fusion modules with the RECO loss, report checkpoints to Ray Train, and (rank 0) write
 the final model.
 
 A worker (re)starts from `ray.train.get_checkpoint()`, the latest checkpoint this run
