@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from reco import storage
+from reco.cluster import init_ray
 from reco.config import ABLATIONS, RecoConfig, ablation_config, config_from_dict, dump_config
 
 
@@ -35,11 +36,12 @@ class DemoScale:
         self.shard_size = 360 if quick else 1000
 
 
-def demo_config(workdir: str, scale: DemoScale) -> RecoConfig:
+def demo_config(workdir: str, scale: DemoScale, train_cpus: float = 1.0) -> RecoConfig:
     from reco.demo import world
 
     sections = world.config_sections(workdir, f"{workdir}/frozen-clip.pt")
-    sections["train"] = {**sections["train"], "epochs": scale.epochs, "checkpoint_every": 50, "log_every": 10}
+    sections["train"] = {**sections["train"], "epochs": scale.epochs, "checkpoint_every": 50, "log_every": 10,
+                         "cpus_per_worker": train_cpus}
     data = {
         "workdir": workdir,
         "seed": 0,
@@ -50,6 +52,14 @@ def demo_config(workdir: str, scale: DemoScale) -> RecoConfig:
     }
     data["evaluate"] = {**data["evaluate"], "ablations": True}
     return config_from_dict(data)
+
+
+def _train_cpus() -> float:
+    """The demo trains one model at a time with nothing else running, so its one worker
+    may take the free cores (torch's threads follow the worker's CPUs), up to 4."""
+    import ray
+
+    return float(min(4, max(1, int(ray.available_resources().get("CPU", 1)))))
 
 
 def _step(title: str) -> float:
@@ -139,7 +149,8 @@ def run_demo(workdir: str, quick: bool = False) -> RecoConfig:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     scale = DemoScale(quick)
     workdir = str(Path(workdir).resolve())
-    cfg = demo_config(workdir, scale)
+    init_ray()
+    cfg = demo_config(workdir, scale, train_cpus=_train_cpus())
     storage.write_bytes_atomic(storage.join(workdir, "demo.yaml"), dump_config(cfg).encode())
     begin = time.perf_counter()
 
