@@ -201,9 +201,23 @@ def _score(ds: EvalSet, emb: Embedded, images: np.ndarray, texts: np.ndarray) ->
     return retrieval_recall(images, texts, emb.text_image)
 
 
-def memory_subset_exclusion(ntotal: int, fraction: float, seed: int) -> np.ndarray:
-    """The ids left out for the memory-size ablation: all but a seeded random `fraction`."""
-    return np.flatnonzero(np.random.default_rng(seed).random(ntotal) >= fraction)
+def memory_keys(workdir: str) -> np.ndarray:
+    """The memory's sample keys by id (`keys[id]`)."""
+    folder = storage.join(workdir, MEMORY_DIR)
+    tables = [storage.read_parquet(url, ["id", "key"]) for url in MemoryManifest.read(folder).shard_urls(folder)]
+    keys = np.empty(sum(t.num_rows for t in tables), dtype=object)
+    for table in tables:
+        keys[table["id"].to_numpy()] = table["key"].to_numpy(zero_copy_only=False)
+    return keys
+
+
+def memory_subset_exclusion(keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The ids left out for the memory-size ablation: all but a seeded random `fraction` of
+    the pairs (`keys[id]`), drawn in key order, so the same pairs stay whatever ids the embed
+    stage gave them (the order of a downloaded shard's samples varies between runs)."""
+    draw = np.empty(len(keys))
+    draw[np.argsort(keys, kind="stable")] = np.random.default_rng(seed).random(len(keys))
+    return np.flatnonzero(draw >= fraction)
 
 
 def evaluate_set(ds: EvalSet, emb: Embedded, memory: MemoryIndex, models: dict[str, tuple[RecoFusion, dict]],
@@ -273,7 +287,7 @@ def evaluate(cfg: RecoConfig) -> dict[str, Any]:
     subset = None
     if cfg.evaluate.ablations:
         subset = (f"memory_{cfg.evaluate.memory_fraction:g}",
-                  memory_subset_exclusion(memory.ntotal, cfg.evaluate.memory_fraction, cfg.seed))
+                  memory_subset_exclusion(memory_keys(cfg.workdir), cfg.evaluate.memory_fraction, cfg.seed))
     results, datasets = [], []
     for ds, emb in zip(sets, embedded):
         rows, excluded = evaluate_set(ds, emb, memory, models, k, threshold, subset)

@@ -108,7 +108,11 @@ def test_evaluate_refuses_a_control_from_another_run(tmp_path):
 
 
 def test_memory_size_ablation_keeps_a_seeded_share_of_the_memory():
-    left_out = memory_subset_exclusion(10_000, 0.1, seed=0)
+    keys = np.array([f"{i:08d}" for i in range(10_000)], dtype=object)
+    left_out = memory_subset_exclusion(keys, 0.1, seed=0)
     assert 900 < 10_000 - len(left_out) < 1100 and np.all(np.diff(left_out) > 0)
-    np.testing.assert_array_equal(left_out, memory_subset_exclusion(10_000, 0.1, seed=0))
-    assert not np.array_equal(left_out, memory_subset_exclusion(10_000, 0.1, seed=1))
+    np.testing.assert_array_equal(left_out, memory_subset_exclusion(keys, 0.1, seed=0))
+    assert not np.array_equal(left_out, memory_subset_exclusion(keys, 0.1, seed=1))
+    # Another run's memory holds the same pairs under other ids: the same pairs are kept.
+    shuffled = np.random.default_rng(7).permutation(keys)
+    assert set(shuffled[memory_subset_exclusion(shuffled, 0.1, seed=0)]) == set(keys[left_out])
