@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py [--config CONFIG] [--endpoint image|text] [--items 4]
                                [--requests 64] [--concurrency 1 8 32] [--replicas 1]
+                               [--cpus-per-replica 0.5]
 
 The workdir is CONFIG's (a trained one), or by default a small synthetic one built as the
 tests build theirs (reco-tiny, 42 memory pairs). For each concurrency c, the same
@@ -82,10 +83,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--cpus-per-replica", type=float, default=0.5,
+                        help="CPUs each replica reserves (fractional: 2 replicas and the memory service's "
+                             "shard actor fit on 2 cores)")
     args = parser.parse_args()
     cfg = load_config(args.config) if args.config else small_world()
     cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={
-        "host": "127.0.0.1", "port": free_port(), "replicas": args.replicas, "max_items": args.items})})
+        "host": "127.0.0.1", "port": free_port(), "replicas": args.replicas, "max_items": args.items,
+        "cpus_per_replica": args.cpus_per_replica})})
 
     samples = list(synthetic.make_samples(args.items * 8, seed=21))
     images = [[s.jpeg for s in samples[i::8]] for i in range(8)]
@@ -122,7 +127,7 @@ def main() -> None:
     model.close()
 
     print(f"/embed/{args.endpoint}, {args.items} items per request, {args.requests} requests per level, "
-          f"{args.replicas} replica(s), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+          f"{args.replicas} replica(s) x {args.cpus_per_replica:g} CPU, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     for c in args.concurrency:
         for name in ("api", "serve"):
             r = results[name, c]

@@ -23,6 +23,7 @@ import base64
 import binascii
 import json
 import os
+import signal
 import socket
 import time
 import urllib.error
@@ -259,16 +260,41 @@ def start(cfg: RecoConfig) -> Serving:
     return serving
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (`ray job stop`, `kill`, a container stopping): stop as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated
+
+
 def serve_forever(cfg: RecoConfig) -> int:
-    """`reco serve`: start, say where it listens, block until Ctrl-C, then stop Serve and the
-    memory service. Returns the exit status of an interrupted process (130)."""
-    serving = start(cfg)
-    print(f"reco serve: listening on {serving.url} (POST {', '.join(ROUTES)}); Ctrl-C stops", flush=True)
+    """`reco serve`: start, say where it listens, block until Ctrl-C (SIGINT) or SIGTERM (what
+    `ray job stop` and `kill` send), then stop Serve and the memory service. Returns the
+    conventional exit status of a process ended by that signal: 130, or 143 for SIGTERM."""
+    check_serve(cfg)
+    init_ray()
+    # After ray.init, which installs its own SIGTERM handler (it aborts the process).
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        while True:
-            time.sleep(3600)
+        serving = start(cfg)
+        print(f"reco serve: listening on {serving.url} (POST {', '.join(ROUTES)}); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            # A second signal during the stop must not cut it short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                serving.stop()
+            finally:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
     except KeyboardInterrupt:
-        print("reco serve: stopped", flush=True)
-        return 130
+        print("reco serve: stopped (SIGINT)", flush=True)
+        return 128 + signal.SIGINT
+    except Terminated:
+        print("reco serve: stopped (SIGTERM)", flush=True)
+        return 128 + signal.SIGTERM
     finally:
-        serving.stop()
+        signal.signal(signal.SIGTERM, previous)

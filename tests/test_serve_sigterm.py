@@ -1,0 +1,75 @@
+"""`reco serve` under SIGTERM (what `ray job stop` sends): the same clean stop as Ctrl-C.
+
+A module of its own: the CLI joins the tests' Ray cluster (RAY_ADDRESS), where Serve is one
+per cluster, so it must not run beside tests/test_serve.py's application.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from reco.config import dump_config
+from tests.conftest import start_local_ray
+from tests.test_serve import free_port, live_actors, post
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_ACTORS = ("ServeController", "ServeReplica", "ProxyActor")
+
+
+def gone(prefixes: tuple[str, ...], seconds: float = 30) -> list[str]:
+    """The class names of the actors still alive after up to `seconds` (ray.kill is asynchronous)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = [a["ActorClassName"] for p in prefixes for a in live_actors(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def test_reco_serve_stops_cleanly_on_sigterm(api_world, tmp_path):
+    """Two replicas sharing the memory service, in the tests' cluster: after SIGTERM the CLI
+    exits 143 having shut Serve down (its controller is detached: it would outlive a killed
+    driver and keep the port) and stopped the shard actors."""
+    start_local_ray()
+    assert not gone(SERVE_ACTORS + ("ShardServer",), seconds=0), "leftover actors from another test"
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(dump_config(api_world))
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reco.cli", "serve", str(config), f"serve.port={port}", "serve.replicas=2",
+         "serve.cpus_per_replica=0.25"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "reco serve: listening on" in line:
+                break
+        assert f"listening on http://127.0.0.1:{port}" in "".join(lines), "".join(lines[-20:])
+        status, body = post(f"http://127.0.0.1:{port}/embed/text", {"texts": ["a photo"]})
+        assert status == 200 and len(body["embeddings"][0]) == 64
+        assert len(live_actors("ShardServer")) == 1 and live_actors("ServeController")
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
+        assert "reco serve: stopped (SIGTERM)" in rest
+        assert not gone(SERVE_ACTORS + ("ShardServer",)), "Serve or the memory service outlived `reco serve`"
+        with socket.socket() as sock:  # nothing listens on the port any more
+            assert sock.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if live_actors("ServeController"):  # a failed run must not leave Serve to the next module
+            serve.shutdown()
