@@ -65,6 +65,16 @@ def image_server(images):
     server.shutdown()
 
 
+def wait_listening(proc: subprocess.Popen, port: int) -> None:
+    """Read a `reco serve` process's output until it says it listens on `port`."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "reco serve: listening on" in line:
+            break
+    assert f"listening on http://127.0.0.1:{port}" in "".join(lines), "".join(lines[-20:])
+
+
 def live_actors(class_prefix: str) -> list[dict]:
     """The GCS's record (ActorID, Pid, ...) of the live actors whose class name starts so. Read
     from the GCS: the state API (ray.util.state) needs the dashboard, which the tests leave off."""
@@ -246,12 +256,7 @@ def test_reco_serve_listens_until_ctrl_c(api_world, tmp_path):
         # A shell's background job ignores SIGINT, and children inherit that: restore Ctrl-C.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "reco serve: listening on" in line:
-                break
-        assert f"listening on http://127.0.0.1:{port}" in "".join(lines), "".join(lines[-20:])
+        wait_listening(proc, port)
         status, body = post(f"http://127.0.0.1:{port}/embed/text", {"texts": ["a photo"], "refine": False})
         assert status == 200 and len(body["embeddings"][0]) == 64
         proc.send_signal(signal.SIGINT)

@@ -19,7 +19,7 @@ from ray import serve
 
 from reco.config import dump_config
 from tests.conftest import start_local_ray
-from tests.test_serve import free_port, live_actors, post
+from tests.test_serve import free_port, live_actors, post, wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_ACTORS = ("ServeController", "ServeReplica", "ProxyActor")
@@ -51,12 +51,7 @@ def test_reco_serve_stops_cleanly_on_sigterm(api_world, tmp_path):
          "serve.cpus_per_replica=0.25"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "reco serve: listening on" in line:
-                break
-        assert f"listening on http://127.0.0.1:{port}" in "".join(lines), "".join(lines[-20:])
+        wait_listening(proc, port)
         status, body = post(f"http://127.0.0.1:{port}/embed/text", {"texts": ["a photo"]})
         assert status == 200 and len(body["embeddings"][0]) == 64
         assert len(live_actors("ShardServer")) == 1 and live_actors("ServeController")
