@@ -5,6 +5,7 @@ Everything runs offline on 127.0.0.1: no model hub, no internet.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +33,27 @@ def start_local_ray() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@contextlib.contextmanager
+def local_cluster(head_cpus: int, workers: int, **cluster_args):
+    """A `ray.cluster_utils.Cluster` on this machine, a head of `head_cpus` CPUs and `workers`
+    nodes of 2, joined by this process; the session's local Ray comes back after."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False},
+                    **cluster_args)
+    for _ in range(workers):
+        nodes.add_node(num_cpus=2)
+    try:
+        ray.init(address=nodes.address, log_to_driver=False)
+        nodes.wait_for_nodes()
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+        start_local_ray()
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from ray._private import state
 from reco.config import RecoConfig
 from reco.contracts import CorpusManifest, IndexManifest, MemoryManifest, NeighborsManifest
 from reco.demo.corpus_server import CorpusServer, write_url_list
-from tests.conftest import make_config, start_local_ray
+from tests.conftest import local_cluster, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS, PER_SHARD, WORKERS = 64, 8, 2
@@ -49,25 +49,14 @@ OUTCOMES: dict[str, dict] = {}
 @pytest.fixture(scope="module")
 def cluster():
     """A head without CPUs and two worker nodes of 2 CPUs; the session's Ray comes back after."""
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
     # shutdown_at_exit=False: a node added by the killer thread must not register signal
-    # handlers (only the main thread may); the finally below shuts the nodes down.
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False},
-                    shutdown_at_exit=False)
-    for _ in range(WORKERS):
-        nodes.add_node(num_cpus=2)
-    try:
-        ray.init(address=nodes.address, log_to_driver=False)
-        nodes.wait_for_nodes()
-        yield nodes
-    finally:
-        for case, row in OUTCOMES.items():
-            print(f"fault matrix: {case}: {row}")
-        ray.shutdown()
-        nodes.shutdown()
-        start_local_ray()
+    # handlers (only the main thread may); local_cluster shuts the nodes down.
+    with local_cluster(0, WORKERS, shutdown_at_exit=False) as nodes:
+        try:
+            yield nodes
+        finally:
+            for case, row in OUTCOMES.items():
+                print(f"fault matrix: {case}: {row}")
 
 
 def _config(workdir: Path, checkpoint: str, corpus: Path, images: str, url_list: str | None = None) -> RecoConfig:

@@ -21,7 +21,7 @@ from indexing.neighbors import neighbors
 from reco.config import IndexConfig
 from reco.demo.synthetic import clustered_embeddings
 from reco.search import MemoryIndex, memory_service, near_duplicate_ids
-from tests.conftest import make_config, start_local_ray, write_memory
+from tests.conftest import local_cluster, make_config, write_memory
 
 D, N, SHARD_ROWS, NODES = 32, 3000, 500, 3
 pytestmark = pytest.mark.timeout(900)
@@ -35,20 +35,8 @@ def f16(x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cluster():
     """Three Ray nodes on this machine, shared by the module; the session's Ray comes back after."""
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    for _ in range(NODES - 1):
-        nodes.add_node(num_cpus=2)
-    try:
-        ray.init(address=nodes.address, log_to_driver=False)
-        nodes.wait_for_nodes()
+    with local_cluster(2, NODES - 1) as nodes:
         yield nodes
-    finally:
-        ray.shutdown()
-        nodes.shutdown()
-        start_local_ray()
 
 
 @pytest.fixture(scope="module")
