@@ -1,6 +1,7 @@
 """What each Ray Train worker runs: read its part of each global batch of the neighbour
-shards (from the whole split in its memory, or streamed by Ray Data), train the fusion modules with the RECO loss, report checkpoints to Ray Train, and (rank 0) write
-the final model.
+shards (from the whole split in its memory, or streamed by Ray Data), train the fusion
+modules with the RECO loss, report checkpoints to Ray Train, and (rank 0) write the final
+model.
 
 A worker (re)starts from `ray.train.get_checkpoint()`, the latest checkpoint this run
 reported (after a lost worker, or a re-run of the same command), else afresh. The data
