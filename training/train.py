@@ -257,7 +257,8 @@ def train(cfg: RecoConfig, replace: bool = False) -> dict:
     latest = _check_checkpoints(plan, replace)
     log.info("training %s: %d pairs (%s), %d steps (%d per epoch), global batch %d on %d worker(s)%s",
              plan.model_dir, plan.rows, "in each worker's memory" if plan.in_memory else "streamed by Ray Data",
-             plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size, cfg.train.num_workers, f"; checkpoints up to step {latest[1]['step']} in storage" if latest else "")
+             plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size, cfg.train.num_workers,
+             f"; checkpoints up to step {latest[1]['step']} in storage" if latest else "")
     init_ray()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S)  # read by the controller
     try:
