@@ -1,7 +1,7 @@
 """Throughput of embed, index, neighbours and train by corpus size and node count, and a projection to 1B pairs.
 
     python benchmarks/scaling.py [--sizes 2000,8000,32000] [--nodes 1,2,3] [--cpus-per-node 2]
-                                 [--stages embed,index,neighbors,train] [--write-docs]
+                                 [--stages embed,index,neighbors,train] [--record FILE] [--write-docs]
 
 For each node count a `ray.cluster_utils.Cluster` of that many Ray nodes is started on
 this machine (on one small machine the nodes share its cores, so more nodes add Ray's
@@ -12,7 +12,9 @@ init); index, neighbours and train start from clustered embedding-like vectors w
 as a memory (no model), each stage reading the previous one's output as in `reco run`.
 Throughput is pairs per second of the whole stage call, start-up included.
 
-With --write-docs the table, the 1B-pair projection and a plot go into
+Each row is appended to --record (JSON lines) as soon as it is measured, and a row already
+there is not measured again: an interrupted run goes on where it stopped (delete the
+file to measure afresh). With --write-docs the table, the 1B-pair projection and a plot go into
 docs/performance.md (between the scaling markers) and docs/performance.png. The last
 line is each stage's throughput on the most nodes over one node, at the largest size.
 """
@@ -105,22 +107,33 @@ def start_cluster(nodes: int, cpus: int) -> Cluster:
 
 
 def measure(args) -> list[dict]:
-    rows = []
+    """Every (stage, nodes, pairs) row, appended to `args.record` as soon as it is measured;
+    rows already there are kept and not measured again, so a long run can go in pieces."""
+    record = Path(args.record)
+    rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()] if record.exists() else []
+    done = {(r["stage"], r["nodes"], r["pairs"]) for r in rows}
     for nodes in args.nodes:
+        todo = [p for p in args.sizes if any((s, nodes, p) not in done for s in args.stages)]
+        if not todo:
+            continue
         cluster = start_cluster(nodes, args.cpus_per_node)
         try:
-            for pairs in args.sizes:
+            for pairs in todo:
                 runs = [run_in_tempdir(nodes, pairs, args) for _ in range(args.repeats)]
-                for stage in runs[0]:
-                    s = median([r[stage] for r in runs])
-                    rows.append({"stage": stage, "nodes": nodes, "pairs": pairs, "seconds": round(s, 2),
-                                 "pairs_per_s": round(pairs / s, 1), "load": load()})
+                for stage in (name for name in runs[0] if (name, nodes, pairs) not in done):
+                    seconds = median([r[stage] for r in runs])
+                    rows.append({"stage": stage, "nodes": nodes, "pairs": pairs, "seconds": round(seconds, 2),
+                                 "pairs_per_s": round(pairs / seconds, 1), "load": load()})
                     print(json.dumps(rows[-1]), flush=True)
+                    with record.open("a") as f:
+                        f.write(json.dumps(rows[-1]) + "\n")
         finally:
             ray.shutdown()
             cluster.shutdown()
             os.environ.pop("RAY_ADDRESS")
-    return rows
+    wanted = {(s, n, p) for s in args.stages for n in args.nodes for p in args.sizes}
+    return sorted((r for r in rows if (r["stage"], r["nodes"], r["pairs"]) in wanted),
+                  key=lambda r: (STAGES.index(r["stage"]), r["nodes"], r["pairs"]))
 
 
 def table(rows: list[dict]) -> str:
@@ -198,6 +211,8 @@ def main() -> None:
     p.add_argument("--model", default="reco-tiny")
     p.add_argument("--d", type=int, default=512, help="width of the synthetic embeddings")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--record", default=str(Path(tempfile.gettempdir()) / "reco-scaling.jsonl"),
+                   help="JSON lines of measured rows: appended to as it goes, re-used by the next run")
     args = p.parse_args()
     rows = measure(args)
     if args.write_docs:
