@@ -40,7 +40,7 @@ def demo_config(workdir: str, scale: DemoScale, train_cpus: float = 1.0) -> Reco
     from reco.demo import world
 
     sections = world.config_sections(workdir, f"{workdir}/frozen-clip.pt")
-    sections["train"] = {**sections["train"], "epochs": scale.epochs, "checkpoint_every": 50, "log_every": 10,
+    sections["train"] = {**sections["train"], "epochs": scale.epochs, "checkpoint_every": 50, "log_every": 42,
                          "cpus_per_worker": train_cpus}
     data = {
         "workdir": workdir,
