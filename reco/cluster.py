@@ -40,6 +40,7 @@ QUIET_LEVELS = {
 }
 QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Lines that Ray's processes write to their log files and that the driver would print too
 # (log_to_driver): the driver skips those matching this regex (Ray reads it once, when `ray`
 # is imported; the files under the session's logs/ folder keep every line).
@@ -119,6 +120,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True, runtime_env=_worker_runtime_env())
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # A Ray of our own on this machine is never preempted: Ray Train's preemption
+        # watcher would only add a process to the start of every training (Ray Train passes
+        # the setting from the driver to its controller).
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  log_to_driver=True, configure_logging=False, runtime_env=_worker_runtime_env())
     if not verbose():
