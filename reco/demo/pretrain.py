@@ -55,8 +55,10 @@ def pretrain_frozen_clip(out_path: str, *, n_images: int = 8000, steps: int = 20
     # As open_clip's training: no weight decay on gains, biases and the temperature.
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
+    # fused: one kernel over all parameters; the 49,408-token embedding table made the
+    # per-tensor update a third of a step (a step 200 -> 125 ms on 2 cores).
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
