@@ -35,6 +35,7 @@ import numpy as np
 import ray
 from autofaiss.indices.index_utils import set_search_hyperparameters
 from fsspec.implementations.local import LocalFileSystem
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from reco import storage
 from reco.cluster import cluster_gpus
@@ -365,7 +366,7 @@ def service_resources(shards: int, use_gpu: bool) -> tuple[ActorResources, int]:
 
     GPUs as `reco.shard_jobs` gives them: one per actor where asked and the cluster has
     them (a share of one where shards outnumber GPUs). CPUs: half of the smallest node's,
-    shared by the shards that node will hold under SPREAD, so the stage's own actors still
+    shared by the shards that node will hold (`spread_nodes`), so the stage's own actors still
     fit beside the service. A reservation only places the actor: it searches with as many
     threads as its node has CPUs per shard it holds.
     """
@@ -379,15 +380,26 @@ def service_resources(shards: int, use_gpu: bool) -> tuple[ActorResources, int]:
     return resources, max(int(min(nodes) // per_node), 1)
 
 
+def spread_nodes(count: int, gpus: bool) -> list[str]:
+    """The node of each of `count` shard actors: round robin over the alive nodes that have
+    CPUs (GPUs where the actors take them), in node-id order. Ray's SPREAD strategy is best
+    effort and, on a busy cluster, may put two shards on one node while another holds none."""
+    kind = "GPU" if gpus else "CPU"
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(kind, 0) > 0)
+    return [nodes[i % len(nodes)] for i in range(count)]
+
+
 def _start_actors(workdir: str, specs: list[dict], params: dict[str, str], use_gpu: bool,
                   local_dir: str | None, copy_key: str) -> list:
-    """One actor per index shard, spread over the nodes, restarted after a failure."""
+    """One actor per index shard, spread over the nodes, restarted after a failure (on
+    another node if its own is gone: the node affinity is soft)."""
     resources, threads = service_resources(len(specs), use_gpu)
-    actor = ray.remote(ShardServer).options(num_cpus=resources.cpus, num_gpus=resources.gpus,
-                                            scheduling_strategy="SPREAD", max_restarts=SHARD_MAX_RESTARTS,
-                                            max_task_retries=SHARD_MAX_RESTARTS)
-    servers = [actor.remote(workdir, spec, params, bool(resources.gpus), 0, threads, local_dir, copy_key)
-               for spec in specs]
+    actor = ray.remote(ShardServer)
+    servers = [actor.options(num_cpus=resources.cpus, num_gpus=resources.gpus, max_restarts=SHARD_MAX_RESTARTS,
+                             max_task_retries=SHARD_MAX_RESTARTS,
+                             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+               .remote(workdir, spec, params, bool(resources.gpus), 0, threads, local_dir, copy_key)
+               for spec, node in zip(specs, spread_nodes(len(specs), bool(resources.gpus)))]
     # Fail here, naming the bad file, rather than at the first search.
     ray.get([s.__ray_ready__.remote() for s in servers])
     return servers
