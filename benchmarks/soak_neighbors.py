@@ -39,10 +39,9 @@ from benchmarks.index import clustered  # noqa: E402
 from indexing.build import build_index  # noqa: E402
 from reco.cluster import init_ray  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
-from reco.contracts import write_memory  # noqa: E402
+from reco.contracts import OTHER, write_memory  # noqa: E402
 from reco.search import MemoryIndex  # noqa: E402
 
-OTHER = {"image": "text", "text": "image"}
 SAMPLE_EVERY = 5.0
 
 

@@ -51,8 +51,9 @@ class FusionModule(nn.Module):
         mask = None if missing is None or not missing.any() else F.pad(missing.to(torch.bool), (1, 0), value=False)
         # The layer's output at the query token only: it attends to every token, but the
         # other tokens' outputs are never used, so their attention rows and MLP are skipped
-        # (the same function as `self.layer(tokens)[:, 0]`, 3x faster at k=10). The layer is
-        # pre-norm with no dropout: x + attn(norm1(x)), then + mlp(norm2(.)).
+        # (the same function as `self.layer(tokens)[:, 0]`; a d=64, k=10 training step took
+        # 26 ms instead of 51). The layer is pre-norm with no dropout: x + attn(norm1(x)),
+        # then + mlp(norm2(.)).
         layer = self.layer
         normed = layer.norm1(tokens)
         x = tokens[:, :1] + layer.self_attn(normed[:, :1], normed, normed, key_padding_mask=mask,
