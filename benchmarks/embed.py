@@ -7,6 +7,11 @@ model and batch size. Repeats alternate; the ratio of medians is printed last, w
 machine's load (timings on a shared machine are noisy).
 
     python benchmarks/embed.py [--pairs 1536] [--model ViT-B-32] [--batch-size 64] [--repeats 3]
+                               [--bare-keeps-freed-memory]
+
+`reco embed`'s replicas fix glibc's malloc thresholds (reco/malloc.py); the bare forward
+runs as the library does by default, unless --bare-keeps-freed-memory gives it the same
+setting (then the ratio shows what is left beside the allocator).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pipeline.embed import embed  # noqa: E402
 from reco.cluster import init_ray  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
 from reco.demo import synthetic  # noqa: E402
+from reco.malloc import keep_freed_memory  # noqa: E402
 from reco.models import load_clip  # noqa: E402
 
 
@@ -59,7 +65,11 @@ def main() -> None:
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--image-size", type=int, default=256, help="stored size (img2dataset default)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bare-keeps-freed-memory", action="store_true",
+                   help="the bare forward with reco's malloc setting too")
     args = p.parse_args()
+    if args.bare_keeps_freed_memory:
+        keep_freed_memory()
 
     root = tempfile.mkdtemp(prefix="reco-bench-embed-")
     samples = write_corpus(root, args.pairs, args.shard_size, args.image_size)
@@ -90,7 +100,8 @@ def main() -> None:
               f"({steady_rates[-1]:.1f} within shards; fixed cost {ours - in_shards:.1f} s), bare forward {bare_rates[-1]:.1f} pairs/s ({load()})",
               flush=True)
     ours, steady, bare = (median(x) for x in (ours_rates, steady_rates, bare_rates))
-    print(f"{args.model}, {args.pairs} pairs, batch {args.batch_size}, {cpus} CPUs, medians: reco embed "
+    allocator = "reco's malloc setting" if args.bare_keeps_freed_memory else "default malloc"
+    print(f"{args.model}, {args.pairs} pairs, batch {args.batch_size}, {cpus} CPUs, bare with {allocator}, medians: reco embed "
           f"{ours:.1f} pairs/s end to end, {steady:.1f} within shards; bare open_clip forward {bare:.1f}")
     print(f"embed within shards: {steady / bare:.2f} of bare open_clip forward")
     print(f"embed: {ours / bare:.2f} of bare open_clip forward")

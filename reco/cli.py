@@ -16,6 +16,7 @@ from typing import Callable
 
 from reco.config import RecoConfig, load_config
 from reco.errors import RecoError
+from reco.malloc import keep_freed_memory
 
 # Stage name -> "module:function", in pipeline order. Imported lazily: `reco --help` stays fast.
 STAGES: dict[str, tuple[str, str]] = {
@@ -78,6 +79,7 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
+    keep_freed_memory()  # the driver runs torch too: the demo's pre-training, evaluation's scoring
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         if args.command == "demo":

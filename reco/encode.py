@@ -31,6 +31,7 @@ from reco import storage
 from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import InputShardStats, MemoryManifest, MemoryShard, SkipStats, embedding_array, memory_schema
+from reco.malloc import keep_freed_memory
 from reco.models import embed_dim, load_clip, validate_model_config
 from reco.shard_jobs import ShardActor, actor_resources, find_finished, run_shard_jobs
 from reco.tars import TarSample, TruncatedShard, iter_tar_samples
@@ -82,13 +83,13 @@ class ShardEmbedder(ShardActor):
     def __init__(self, cfg_json: str, staging: str, cpus: float, decode_threads: int):
         self.cfg = RecoConfig.model_validate_json(cfg_json)
         self.staging = staging
+        keep_freed_memory()
         torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.clip = load_clip(self.cfg.model, seed=self.cfg.seed, device=self.device)
         # On CPU the forward pass owns every core: a decoding thread beside torch's OpenMP
         # threads stalls them more than decoding in line costs (decode_threads=0).
         self.pool = ThreadPoolExecutor(decode_threads) if decode_threads > 0 else None
-
 
     def _batches(self, source: str, stats: InputShardStats) -> Iterator[tuple[list[TarSample], list[torch.Tensor]]]:
         """Whole batches of decodable samples; decoding runs one batch ahead in threads."""
@@ -311,6 +312,7 @@ def _finalize(cfg: RecoConfig, out_dir: str, previous: MemoryManifest | None, pe
 def encode_texts(cfg_json: str, texts: list[str], batch_size: int) -> np.ndarray:
     """Unit text embeddings (n, d) float32 from the frozen text tower."""
     cfg = RecoConfig.model_validate_json(cfg_json)
+    keep_freed_memory()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip = load_clip(cfg.model, seed=cfg.seed, device=device)
     parts = []

@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse
 from reco.api import InputError, check_workdir, load
 from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig, ServeConfig
+from reco.malloc import keep_freed_memory
 from reco.search import MemoryIndex, memory_service
 
 APP_NAME = "reco"
@@ -141,6 +142,7 @@ class RecoServer:
 
     def __init__(self, workdir: str, limits: dict, use_gpu: bool, memory: MemoryIndex | None = None):
         # `memory`: the shared service's client (its actor handles); None: open it here.
+        keep_freed_memory()
         self.model = load(workdir, use_gpu=use_gpu, memory=memory)
         self.limits = ServeConfig.model_validate(limits)
 

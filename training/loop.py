@@ -32,6 +32,7 @@ from reco.config import ConfigError, Fuse, RecoConfig
 from reco.contracts import embeddings_to_numpy, nested_to_numpy, token_columns
 from reco.errors import RecoError
 from reco.fusion import RecoFusion, save_fusion
+from reco.malloc import keep_freed_memory
 from training.loss import RecoLoss
 
 log = logging.getLogger(__name__)
@@ -335,4 +336,5 @@ def train_loop_per_worker(config: dict) -> dict:
     """The Ray Train entry point (runs on every worker); rank 0's return value reaches the
     driver as `Result.return_value`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
     return Trainer(RecoConfig.model_validate_json(config["cfg"]), Plan.model_validate(config["plan"])).run()
