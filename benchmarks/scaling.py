@@ -10,7 +10,10 @@ Each stage gets one actor, task group or worker per node. Inputs are synthetic: 
 reads drawn image-caption shards and runs `--model` (default reco-tiny, seeded random
 init); index, neighbours and train start from clustered embedding-like vectors written
 as a memory (no model), each stage reading the previous one's output as in `reco run`.
-Throughput is pairs per second of the whole stage call, start-up included.
+Throughput is pairs per second of the whole stage call, start-up included; at these sizes
+that is mostly start-up, so the table also gives the cost per pair added (each size's
+seconds minus the next smaller size's, over the added pairs) and, per stage, the largest
+over the smallest of those: how far from linear the stage is.
 
 Each row is appended to --record (JSON lines) as soon as it is measured, and a row already
 there is not measured again: an interrupted run goes on where it stopped (delete the
@@ -136,10 +139,42 @@ def measure(args) -> list[dict]:
                   key=lambda r: (STAGES.index(r["stage"]), r["nodes"], r["pairs"]))
 
 
+def marginal_ms(rows: list[dict]) -> dict[tuple[str, int, int], float]:
+    """Milliseconds per pair added since the next smaller size, same stage and nodes: the
+    per-pair cost with the stage's fixed start-up taken out (whole-stage pairs/s at these
+    sizes is mostly start-up)."""
+    out = {}
+    for r in rows:
+        smaller = [q for q in rows if (q["stage"], q["nodes"]) == (r["stage"], r["nodes"]) and q["pairs"] < r["pairs"]]
+        if smaller:
+            prev = max(smaller, key=lambda q: q["pairs"])
+            out[r["stage"], r["nodes"], r["pairs"]] = 1000 * (r["seconds"] - prev["seconds"]) / (r["pairs"] - prev["pairs"])
+    return out
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| stage | nodes | pairs | seconds | pairs/s | load while measured |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['nodes']} | {r['pairs']:,} | {r['seconds']} | {r['pairs_per_s']:,} | {r['load']} |"
-              for r in rows]
+    added = marginal_ms(rows)
+    lines = ["| stage | nodes | pairs | seconds | pairs/s | ms per pair added since the smaller size | load while measured |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = added.get((r["stage"], r["nodes"], r["pairs"]))
+        lines.append(f"| {r['stage']} | {r['nodes']} | {r['pairs']:,} | {r['seconds']} | {r['pairs_per_s']:,} | "
+                     f"{'' if ms is None else f'{ms:.2f}'} | {r['load']} |")
+    return "\n".join(lines)
+
+
+def flatness(rows: list[dict]) -> str:
+    """Per stage and node count: the largest over the smallest per-pair cost added across
+    sizes (1.00 is perfectly linear; the goal is within 20%, <= 1.20)."""
+    added = marginal_ms(rows)
+    lines = ["| stage | nodes | ms per pair added, by size | largest / smallest |", "|---|---|---|---|"]
+    for stage in sorted({r["stage"] for r in rows}, key=STAGES.index):
+        for nodes in sorted({r["nodes"] for r in rows}):
+            costs = [(p, ms) for (s, n, p), ms in sorted(added.items()) if (s, n) == (stage, nodes)]
+            if len(costs) >= 2 and min(ms for _, ms in costs) > 0:
+                spread = max(ms for _, ms in costs) / min(ms for _, ms in costs)
+                listed = ", ".join(f"{ms:.2f} (to {p:,})" for p, ms in costs)
+                lines.append(f"| {stage} | {nodes} | {listed} | {spread:.2f} |")
     return "\n".join(lines)
 
 
@@ -187,6 +222,8 @@ def write_docs(rows: list[dict], args) -> None:
                f"{','.join(map(str, args.sizes))} --nodes {','.join(map(str, args.nodes))} --cpus-per-node "
                f"{args.cpus_per_node} --repeats {args.repeats}` (embed model {args.model}; d={args.d} elsewhere). "
                f"All nodes share one machine of {os.cpu_count()} CPUs.\n\n{table(rows)}\n\n"
+               f"Cost per pair, start-up taken out (each size's seconds minus the next smaller size's, "
+               f"over the pairs added):\n\n{flatness(rows)}\n\n"
                f"![throughput by corpus size and nodes](performance.png)\n\n"
                f"Projection to 1B pairs on 8 nodes x 8 GPUs:\n\n{projection(rows)}\n{END}")
     text = DOC.read_text()
