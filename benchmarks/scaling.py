@@ -60,14 +60,15 @@ PUBLISHED_PER_GPU = {
 
 
 def stage_config(work: Path, nodes: int, model: str) -> RecoConfig:
-    """One actor, index shard or worker per node; small batches for small corpora."""
+    """One actor, index shard or worker per node; small batches for small corpora (training's
+    a multiple of the workers, as it must split evenly)."""
     return config_from_dict({
         "workdir": str(work),
         "model": {"name": model},
         "embed": {"input": str(work / "corpus"), "batch_size": 64, "num_actors": nodes},
         "index": {"shards": nodes},
         "neighbors": {"num_actors": nodes},
-        "train": {"num_workers": nodes, "batch_size": 256, "epochs": 1, "warmup_steps": 10,
+        "train": {"num_workers": nodes, "batch_size": 256 - 256 % nodes, "epochs": 1, "warmup_steps": 10,
                   "checkpoint_every": 10**6, "log_every": 10**6},
     })
 
@@ -148,13 +149,15 @@ def marginal_ms(rows: list[dict]) -> dict[tuple[str, int, int], float]:
         smaller = [q for q in rows if (q["stage"], q["nodes"]) == (r["stage"], r["nodes"]) and q["pairs"] < r["pairs"]]
         if smaller:
             prev = max(smaller, key=lambda q: q["pairs"])
-            out[r["stage"], r["nodes"], r["pairs"]] = 1000 * (r["seconds"] - prev["seconds"]) / (r["pairs"] - prev["pairs"])
+            added = r["pairs"] - prev["pairs"]
+            out[r["stage"], r["nodes"], r["pairs"]] = 1000 * (r["seconds"] - prev["seconds"]) / added
     return out
 
 
 def table(rows: list[dict]) -> str:
     added = marginal_ms(rows)
-    lines = ["| stage | nodes | pairs | seconds | pairs/s | ms per pair added since the smaller size | load while measured |",
+    lines = ["| stage | nodes | pairs | seconds | pairs/s | ms per pair added since the smaller size "
+             "| load while measured |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = added.get((r["stage"], r["nodes"], r["pairs"]))
@@ -171,10 +174,12 @@ def flatness(rows: list[dict]) -> str:
     for stage in sorted({r["stage"] for r in rows}, key=STAGES.index):
         for nodes in sorted({r["nodes"] for r in rows}):
             costs = [(p, ms) for (s, n, p), ms in sorted(added.items()) if (s, n) == (stage, nodes)]
-            if len(costs) >= 2 and min(ms for _, ms in costs) > 0:
-                spread = max(ms for _, ms in costs) / min(ms for _, ms in costs)
+            if len(costs) >= 2:
+                low, high = min(ms for _, ms in costs), max(ms for _, ms in costs)
+                # A stage that took less time on more pairs: start-up's noise exceeded the work.
+                spread = f"{high / low:.2f}" if low > 0 else "n/a (a larger size took less time)"
                 listed = ", ".join(f"{ms:.2f} (to {p:,})" for p, ms in costs)
-                lines.append(f"| {stage} | {nodes} | {listed} | {spread:.2f} |")
+                lines.append(f"| {stage} | {nodes} | {listed} | {spread} |")
     return "\n".join(lines)
 
 
@@ -211,6 +216,9 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = sorted((r["pairs"], r["pairs_per_s"]) for r in rows if r["stage"] == stage and r["nodes"] == nodes)
             ax.plot(*zip(*pts), marker="o", label=f"{nodes} node{'s' * (nodes > 1)}")
         ax.set(title=stage, xscale="log", xlabel="pairs", ylabel="pairs/s (whole stage)")
+        sizes = sorted({r["pairs"] for r in rows})
+        ax.minorticks_off()
+        ax.set_xticks(sizes, [f"{p:,}" for p in sizes])
         ax.legend()
     fig.suptitle("reco stage throughput (Ray nodes sharing one machine's cores)")
     fig.tight_layout()
