@@ -9,9 +9,10 @@ machine's load (timings on a shared machine are noisy).
     python benchmarks/embed.py [--pairs 1536] [--model ViT-B-32] [--batch-size 64] [--repeats 3]
                                [--bare-keeps-freed-memory]
 
-`reco embed`'s replicas fix glibc's malloc thresholds (reco/malloc.py); the bare forward
-runs as the library does by default, unless --bare-keeps-freed-memory gives it the same
-setting (then the ratio shows what is left beside the allocator).
+`reco embed`'s replicas keep freed memory (reco/malloc.py: glibc's mmap off, its trim
+threshold raised); the bare forward runs as the library does by default, unless
+--bare-keeps-freed-memory gives it the same setting (then the ratio shows what is left
+beside the allocator).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def main() -> None:
               flush=True)
     ours, steady, bare = (median(x) for x in (ours_rates, steady_rates, bare_rates))
     allocator = "reco's malloc setting" if args.bare_keeps_freed_memory else "default malloc"
-    print(f"{args.model}, {args.pairs} pairs, batch {args.batch_size}, {cpus} CPUs, bare with {allocator}, medians: reco embed "
+    print(f"{args.model}, {args.pairs} pairs, batch {args.batch_size}, {cpus} CPUs, bare with {allocator}, "
+          "medians: reco embed "
           f"{ours:.1f} pairs/s end to end, {steady:.1f} within shards; bare open_clip forward {bare:.1f}")
     print(f"embed within shards: {steady / bare:.2f} of bare open_clip forward")
     print(f"embed: {ours / bare:.2f} of bare open_clip forward")

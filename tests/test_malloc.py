@@ -1,6 +1,6 @@
-"""reco/malloc.py: with glibc's thresholds fixed, a repeated step reuses the memory it freed
-instead of faulting it in again. Each case runs in its own process: the
-setting is process-wide and cannot be undone."""
+"""reco/malloc.py: with glibc's mmap off and its trim threshold raised, a repeated step
+reuses the memory it freed instead of faulting it in again. Each case runs in its own
+process: the setting is process-wide and cannot be undone."""
 
 from __future__ import annotations
 
