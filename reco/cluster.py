@@ -141,3 +141,10 @@ def cluster_cpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def largest_node_cpus() -> int:
+    """The CPUs of the alive node that has most: more than this, one actor can never get."""
+    import ray
+
+    return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1))

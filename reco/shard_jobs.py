@@ -22,7 +22,7 @@ from ray.util import ActorPool
 from tqdm import tqdm
 
 from reco import storage
-from reco.cluster import cluster_cpus, cluster_gpus
+from reco.cluster import cluster_cpus, cluster_gpus, largest_node_cpus
 
 Record = TypeVar("Record")
 Result = TypeVar("Result", bound=BaseModel)
@@ -55,7 +55,8 @@ def actor_resources(jobs: int, *, num_actors: int | None = None, cpus_per_actor:
 
     Defaults: one GPU per actor and one actor per GPU where the cluster has GPUs, else
     one actor per `cpus_per_cpu_actor` CPUs (one in all if None); never more actors than jobs; the cluster's
-    CPUs shared among the actors (at most `max_cpus` each) unless `cpus_per_actor` is set.
+    CPUs shared among the actors (at most `max_cpus` each, and never more than one node has, or
+    the actor could not be placed) unless `cpus_per_actor` is set.
     """
     gpus = cluster_gpus()
     gpus_each = gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus else 0.0)
@@ -64,7 +65,7 @@ def actor_resources(jobs: int, *, num_actors: int | None = None, cpus_per_actor:
     else:
         default = max(1, cluster_cpus() // cpus_per_cpu_actor) if cpus_per_cpu_actor else 1
     actors = max(1, min(num_actors or default, jobs))
-    cpus = cpus_per_actor or max(1.0, min(max_cpus or float("inf"), cluster_cpus() / actors))
+    cpus = cpus_per_actor or max(1.0, min(max_cpus or float("inf"), largest_node_cpus(), cluster_cpus() / actors))
     return ActorResources(actors, cpus, gpus_each)
 
 

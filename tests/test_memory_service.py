@@ -1,6 +1,7 @@
 """The memory service (one Ray actor per index shard) on a three-node cluster: it answers as the
 in-process search does, holds one shard per actor, survives a killed actor during `reco
-neighbors`, and judges evaluation near-duplicates exactly."""
+neighbors`, and judges evaluation near-duplicates exactly. Shard-job actors (embed, neighbours)
+ask for no more CPUs than one node has."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from indexing.build import build_index
 from indexing.neighbors import neighbors
 from reco.config import IndexConfig
 from reco.demo.synthetic import clustered_embeddings
+from reco.encode import CPUS_PER_CPU_REPLICA
 from reco.search import MemoryIndex, memory_service, near_duplicate_ids
+from reco.shard_jobs import actor_resources
 from tests.conftest import local_cluster, make_config, write_memory
 
 D, N, SHARD_ROWS, NODES = 32, 3000, 500, 3
@@ -119,6 +122,17 @@ def _kill_a_shard_actor_when_a_shard_is_written(out: Path, killed: dict) -> None
     killed.update(actor_id=victim["ActorID"], written=len(list(out.glob("part-*.parquet"))),
                   finished=(out / "_manifest.json").exists())
     os.kill(victim["Pid"], signal.SIGKILL)
+
+
+def test_shard_actors_fit_one_node(cluster):
+    """Six CPUs on three nodes of 2: one actor asking for all six would never be placed."""
+    one = actor_resources(1, max_cpus=8)
+    assert (one.actors, one.cpus) == (1, 2.0)
+    placed = ray.remote(num_cpus=one.cpus)(lambda: ray.get_runtime_context().get_node_id())
+    assert ray.get(placed.remote(), timeout=120) in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    # reco embed's default on CPU: a single-threaded replica per CPU
+    replicas = actor_resources(10, cpus_per_cpu_actor=CPUS_PER_CPU_REPLICA, max_cpus=8)
+    assert (replicas.actors, replicas.cpus) == (6, 1.0)
 
 
 def test_killed_shard_actor_during_neighbors_is_restarted(workdirs):
