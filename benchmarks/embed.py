@@ -3,7 +3,8 @@
 Ours: tar shards -> read, decode, preprocess, tokenize, encode, write Parquet (+ ids,
 manifest), on a local Ray cluster. Bare: `encode_image` + `encode_text` on the same
 images already decoded and preprocessed, the same captions already tokenized, the same
-model and batch size. Repeats alternate; the ratio of medians is printed last, with the
+model and batch size, in one process using every core, as a user runs it; `reco embed`
+runs its default, one single-threaded replica per CPU. Repeats alternate; the ratio of medians is printed last, with the
 machine's load (timings on a shared machine are noisy).
 
     python benchmarks/embed.py [--pairs 1536] [--model ViT-B-32] [--batch-size 64] [--repeats 3]
@@ -31,8 +32,10 @@ from pipeline.embed import embed  # noqa: E402
 from reco.cluster import init_ray  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
 from reco.demo import synthetic  # noqa: E402
+from reco.encode import CPUS_PER_CPU_REPLICA  # noqa: E402
 from reco.malloc import keep_freed_memory  # noqa: E402
 from reco.models import load_clip  # noqa: E402
+from reco.shard_jobs import actor_resources  # noqa: E402
 
 
 def bare_forward(clip, images: torch.Tensor, tokens: torch.Tensor, batch_size: int, device: str = "cpu") -> float:
@@ -78,11 +81,13 @@ def main() -> None:
 
     init_ray()
     cpus = int(ray.cluster_resources()["CPU"])
-    torch.set_num_threads(cpus)  # what the embedding replica uses on a CPU-only cluster
+    torch.set_num_threads(cpus)  # the bare forward as a user runs it: one process, every core
     clip = load_clip(config_from_dict({"workdir": root, **base}).model)
     images, tokens = bare_inputs(clip, samples)
     bare_forward(clip, images[:args.batch_size], tokens[:args.batch_size], args.batch_size)  # warm-up
 
+    replicas = actor_resources(len(samples) // args.shard_size, cpus_per_cpu_actor=CPUS_PER_CPU_REPLICA,
+                               max_cpus=8).actors  # as reco embed sizes them by default
     ours_rates, steady_rates, bare_rates = [], [], []
     for r in range(args.repeats):
         cfg = config_from_dict({"workdir": f"{root}/work-{r}", **base})
@@ -92,8 +97,9 @@ def main() -> None:
         assert manifest.total_rows == args.pairs
         bare = bare_forward(clip, images, tokens, args.batch_size)
         # Steady state: the replicas' time on the shards (read, decode, forward), without
-        # starting the replica (a fresh process imports torch and builds the model) or Ray.
-        in_shards = sum(i.seconds["read_decode_wait"] + i.seconds["forward"] for i in manifest.inputs)
+        # starting them (a fresh process imports torch and builds the model) or Ray. The
+        # replicas run side by side, each on its share of the shards (equal shards here).
+        in_shards = sum(i.seconds["read_decode_wait"] + i.seconds["forward"] for i in manifest.inputs) / replicas
         ours_rates.append(args.pairs / ours)
         steady_rates.append(args.pairs / in_shards)
         bare_rates.append(args.pairs / bare)
@@ -102,7 +108,8 @@ def main() -> None:
               flush=True)
     ours, steady, bare = (median(x) for x in (ours_rates, steady_rates, bare_rates))
     allocator = "reco's malloc setting" if args.bare_keeps_freed_memory else "default malloc"
-    print(f"{args.model}, {args.pairs} pairs, batch {args.batch_size}, {cpus} CPUs, bare with {allocator}, "
+    print(f"{args.model}, {args.pairs} pairs, batch {args.batch_size}, {cpus} CPUs, {replicas} replicas x "
+          f"{cpus / replicas:g} thread(s), bare (one process, {cpus} threads) with {allocator}, "
           "medians: reco embed "
           f"{ours:.1f} pairs/s end to end, {steady:.1f} within shards; bare open_clip forward {bare:.1f}")
     print(f"embed within shards: {steady / bare:.2f} of bare open_clip forward")
