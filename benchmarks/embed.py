@@ -4,8 +4,8 @@ Ours: tar shards -> read, decode, preprocess, tokenize, encode, write Parquet (+
 manifest), on a local Ray cluster. Bare: `encode_image` + `encode_text` on the same
 images already decoded and preprocessed, the same captions already tokenized, the same
 model and batch size, in one process using every core, as a user runs it; `reco embed`
-runs its default, one single-threaded replica per CPU. Repeats alternate; the ratio of medians is printed last, with the
-machine's load (timings on a shared machine are noisy).
+runs its default, one single-threaded replica per CPU. Repeats alternate; the ratio of
+medians is printed last, with the machine's load (timings on a shared machine are noisy).
 
     python benchmarks/embed.py [--pairs 1536] [--model ViT-B-32] [--batch-size 64] [--repeats 3]
                                [--bare-keeps-freed-memory]

@@ -5,13 +5,14 @@ process: the setting is process-wide and cannot be undone."""
 from __future__ import annotations
 
 import json
+import mmap
 import statistics
 import subprocess
 import sys
 
 import pytest
 
-TENSOR_PAGES = 48 * 2**20 // 4096
+TENSOR_PAGES = 48 * 2**20 // mmap.PAGESIZE
 STEPS = """
 import json, resource, sys, torch
 from reco.malloc import keep_freed_memory
