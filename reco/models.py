@@ -5,10 +5,17 @@ checkpoint file, or an fsspec URL of one (copied to a local cache first); a file
 loaded with `torch.load(weights_only=True)` on the driver before any work, so nothing
 pickled in it runs. `model.config` registers a custom architecture's open_clip JSON
 under `model.name` before creation.
+
+Checking a config and reading its embedding width need no open_clip: a stage's driver
+reads the architecture's JSON (open_clip's registry is its package's model_configs/*.json)
+and never imports open_clip, which costs 4-6 s of a whole `reco embed` on 2 cores
+(torchvision, timm, transformers) and only the replicas need (docs/performance.md).
+open_clip is imported where a model is built or a pretrained tag is looked up.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -16,19 +23,23 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import fsspec
-import open_clip
 import torch
 
 from reco.config import ConfigError, ModelConfig
 from reco.errors import RecoError
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CACHE_DIR = Path(os.environ.get("RECO_CACHE", Path.home() / ".cache" / "reco"))
 PICKLE_PROTO = b"\x80"
 """The first byte of a pickle (protocol 2+): torch.save's legacy, non-zip format."""
+ARCHITECTURE_KEYS = {"embed_dim", "vision_cfg", "text_cfg"}
+"""What open_clip requires of an architecture config (it skips files without them)."""
 
 
 class ModelLoadError(RecoError, RuntimeError):
@@ -43,25 +54,56 @@ class Clip:
     embed_dim: int
 
 
-def register_model_configs(cfg: ModelConfig | None = None) -> None:
-    """Register reco's own architectures, and `cfg.config` under `cfg.name` if given."""
-    open_clip.add_model_config(MODEL_CONFIG_DIR)
-    if cfg is None or cfg.config is None:
-        return
+def _open_clip_config_dir() -> Path:
+    """open_clip's own architectures, found without importing the package."""
+    return Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"
+
+
+def _read_config_file(url: str) -> dict:
+    """`model.config`'s architecture JSON, checked."""
     try:
-        with fsspec.open(cfg.config, "r") as f:
+        with fsspec.open(url, "r") as f:
             arch = json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"model.config: {cfg.config} does not exist") from None
+        raise ConfigError(f"model.config: {url} does not exist") from None
     except json.JSONDecodeError as err:
-        raise ConfigError(f"model.config: {cfg.config} is not valid JSON ({err})") from None
-    if not {"embed_dim", "vision_cfg", "text_cfg"} <= arch.keys():
-        raise ConfigError(f"model.config: {cfg.config} lacks embed_dim/vision_cfg/text_cfg, "
+        raise ConfigError(f"model.config: {url} is not valid JSON ({err})") from None
+    if not isinstance(arch, dict) or not ARCHITECTURE_KEYS <= arch.keys():
+        raise ConfigError(f"model.config: {url} lacks embed_dim/vision_cfg/text_cfg, "
                           "see open_clip's model_configs/*.json")
-    # open_clip names a registered config after its file's stem.
-    folder = Path(tempfile.mkdtemp(prefix="reco-model-config-"))
-    (folder / f"{cfg.name}.json").write_text(json.dumps(arch))
-    open_clip.add_model_config(folder)
+    return arch
+
+
+def architecture(cfg: ModelConfig) -> dict:
+    """The open_clip architecture config of `cfg.name`, as open_clip resolves it once
+    `register_model_configs(cfg)` ran: `cfg.config`, else reco's own, else open_clip's."""
+    if cfg.config is not None:
+        return _read_config_file(cfg.config)
+    for folder in (MODEL_CONFIG_DIR, _open_clip_config_dir()):
+        # Listed, not joined: a name is an existing file's stem, never a path of its own.
+        path = {p.stem: p for p in folder.glob("*.json")}.get(cfg.name)
+        if path is not None:
+            return json.loads(path.read_text())
+    raise ConfigError(f"model.name: unknown architecture {cfg.name!r}; pick one of "
+                      "open_clip.list_models() (e.g. ViT-B-32), or give model.config")
+
+
+def register_model_configs(cfg: ModelConfig | None = None) -> ModuleType:
+    """open_clip, with reco's own architectures registered, and `cfg.config` under `cfg.name` if given."""
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    if cfg is not None and cfg.config is not None:
+        # open_clip names a registered config after its file's stem.
+        folder = Path(tempfile.mkdtemp(prefix="reco-model-config-"))
+        (folder / f"{cfg.name}.json").write_text(json.dumps(_read_config_file(cfg.config)))
+        open_clip.add_model_config(folder)
+    return open_clip
+
+
+def pretrained_tags(cfg: ModelConfig) -> list[str]:
+    """open_clip's pretrained tags of `cfg.name`."""
+    return register_model_configs(cfg).list_pretrained_tags_by_model(cfg.name)
 
 
 def _is_remote(url: str) -> bool:
@@ -70,19 +112,19 @@ def _is_remote(url: str) -> bool:
 
 def validate_model_config(cfg: ModelConfig) -> None:
     """Check the architecture and the weights' source before any work starts."""
-    register_model_configs(cfg)
-    if cfg.name not in open_clip.list_models():
-        raise ConfigError(f"model.name: unknown architecture {cfg.name!r}; pick one of "
-                          "open_clip.list_models() (e.g. ViT-B-32), or give model.config")
+    architecture(cfg)
     src = cfg.pretrained
-    if src is None or src in open_clip.list_pretrained_tags_by_model(cfg.name):
+    if src is None:
         return
+    # A checkpoint file is checked without open_clip; anything else must be a tag of open_clip's.
     if _is_remote(src):
         fs, path = fsspec.core.url_to_fs(src)
         if not fs.exists(path):
             raise ConfigError(f"model.pretrained: checkpoint {src} does not exist")
     elif not Path(src.removeprefix("file://")).is_file():
-        tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+        tags = pretrained_tags(cfg)
+        if src in tags:
+            return
         raise ConfigError(f"model.pretrained: {src!r} is neither a checkpoint file nor a tag of "
                           f"{cfg.name} (tags: {', '.join(tags) or 'none'})")
     check_checkpoint(src)
@@ -118,8 +160,7 @@ def check_checkpoint(src: str) -> None:
 
 def embed_dim(cfg: ModelConfig) -> int:
     """The width d of the model's embeddings, read from its architecture config."""
-    register_model_configs(cfg)
-    return open_clip.get_model_config(cfg.name)["embed_dim"]
+    return architecture(cfg)["embed_dim"]
 
 
 def _local_checkpoint(src: str) -> str:
@@ -132,6 +173,7 @@ def _local_checkpoint(src: str) -> str:
 def load_clip(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> Clip:
     """The frozen model in eval mode, its image transform and its tokenizer."""
     validate_model_config(cfg)
+    open_clip = register_model_configs(cfg)
     pretrained = cfg.pretrained
     if pretrained is not None and pretrained not in open_clip.list_pretrained_tags_by_model(cfg.name):
         pretrained = _local_checkpoint(pretrained)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import open_clip
 import pytest
 import torch
 
 from reco.cli import main
 from reco.config import ConfigError, ModelConfig
-from reco.models import MODEL_CONFIG_DIR, ModelLoadError, load_clip
+from reco.models import MODEL_CONFIG_DIR, ModelLoadError, architecture, load_clip
 
 
 def test_custom_model_config_json(tmp_path):
@@ -30,6 +33,38 @@ def test_bad_model_config_json(tmp_path):
     (tmp_path / "bad.json").write_text('{"embed_dim": 8}')
     with pytest.raises(ConfigError, match="model.config: .*lacks"):
         load_clip(ModelConfig(name="my-arch", config=str(tmp_path / "bad.json")))
+
+
+DRIVER_CHECK = """
+import sys
+import pipeline.embed
+from reco.config import ModelConfig
+from reco.models import architecture, embed_dim, register_model_configs, validate_model_config
+cfg = ModelConfig(pretrained=sys.argv[1])
+validate_model_config(cfg)
+print(embed_dim(cfg), "open_clip" in sys.modules)
+open_clip = register_model_configs()
+names = open_clip.list_models()
+print(len(names), [n for n in names if architecture(ModelConfig(name=n)) != open_clip.get_model_config(n)])
+"""
+
+
+def test_driver_checks_the_model_as_open_clip_would_without_importing_it(tiny_checkpoint):
+    """open_clip's import is seconds of every `reco embed` (docs/performance.md), and only the
+    replicas build the model: the driver checks the config and the weights, and reads d, from
+    the architectures' JSON files. In a fresh process (no configs registered by other tests),
+    open_clip must then agree on every architecture it knows."""
+    out = subprocess.run([sys.executable, "-c", DRIVER_CHECK, tiny_checkpoint], capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0] == f"{open_clip.get_model_config('reco-tiny')['embed_dim']} False"
+    count, mismatched = out[1].split(" ", 1)
+    assert int(count) > 100 and mismatched == "[]"
+
+
+def test_unknown_architecture_names():
+    for name in ("ViT-B-33", "../model_configs/ViT-B-32", "model_configs/ViT-B-32"):
+        with pytest.raises(ConfigError, match="model.name: unknown architecture"):
+            architecture(ModelConfig(name=name))
 
 
 def test_checkpoint_from_url_equals_local_file(tmp_path, tiny_checkpoint, s3_bucket):
