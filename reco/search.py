@@ -361,45 +361,44 @@ def merge_results(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tu
     return s, i
 
 
-def service_resources(shards: int, use_gpu: bool) -> tuple[ActorResources, int]:
-    """What each shard actor reserves, and the faiss threads it runs.
+def plan_shard_actors(shards: int, nodes: list[dict], gpus: int) -> tuple[ActorResources, int, list[str]]:
+    """What each shard actor reserves, the faiss threads it runs, and its node, on a cluster
+    of `nodes` (`ray.nodes()` records) with `gpus` GPUs for the service (0: search on CPU).
 
-    GPUs as `reco.shard_jobs` gives them: one per actor where asked and the cluster has
-    them (a share of one where shards outnumber GPUs). CPUs: half of the smallest node's,
-    shared by the shards that node will hold (`spread_nodes`), so the stage's own actors still
-    fit beside the service. A reservation only places the actor: it searches with as many
-    threads as its node has CPUs per shard it holds.
+    GPUs as `reco.shard_jobs` gives them: one per actor (a share of one where shards outnumber
+    GPUs). The actors go round robin, in node-id order, over the alive nodes that can hold
+    one (with GPUs where they take them, else with CPUs): Ray's SPREAD strategy is best
+    effort and, on a busy cluster, may put two shards on one node while another holds none.
+    CPUs: half of the smallest such node's, shared by the shards that node will hold, so the
+    stage's own actors still fit beside the service. A reservation only places the actor: it
+    searches with as many threads as its node has CPUs per shard it holds. Nodes that hold
+    no shard (a head with no CPUs, CPU-only nodes beside GPU ones) count for neither.
     """
-    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-    per_node = math.ceil(shards / len(nodes))
-    gpus = cluster_gpus() if use_gpu else 0
-    if use_gpu and not gpus:
-        log.warning("use_gpu: the Ray cluster has no GPUs; shard actors search on CPU")
-    resources = ActorResources(actors=shards, cpus=max(min(nodes) / 2 / per_node, 0.01),
-                               gpus=min(1.0, gpus / shards) if gpus else 0.0)
-    return resources, max(int(min(nodes) // per_node), 1)
-
-
-def spread_nodes(count: int, gpus: bool) -> list[str]:
-    """The node of each of `count` shard actors: round robin over the alive nodes that have
-    CPUs (GPUs where the actors take them), in node-id order. Ray's SPREAD strategy is best
-    effort and, on a busy cluster, may put two shards on one node while another holds none."""
     kind = "GPU" if gpus else "CPU"
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(kind, 0) > 0)
-    return [nodes[i % len(nodes)] for i in range(count)]
+    hosts = sorted((n for n in nodes if n["Alive"] and n["Resources"].get(kind, 0) > 0), key=lambda n: n["NodeID"])
+    if not hosts:
+        raise RecoError(f"no alive node of the Ray cluster has {kind}s for the memory's shard actors")
+    per_node = math.ceil(shards / len(hosts))
+    cpus = min(n["Resources"].get("CPU", 0) for n in hosts)
+    resources = ActorResources(actors=shards, cpus=max(cpus / 2 / per_node, 0.01),
+                               gpus=min(1.0, gpus / shards) if gpus else 0.0)
+    return resources, max(int(cpus // per_node), 1), [hosts[i % len(hosts)]["NodeID"] for i in range(shards)]
 
 
 def _start_actors(workdir: str, specs: list[dict], params: dict[str, str], use_gpu: bool,
                   local_dir: str | None, copy_key: str) -> list:
     """One actor per index shard, spread over the nodes, restarted after a failure (on
     another node if its own is gone: the node affinity is soft)."""
-    resources, threads = service_resources(len(specs), use_gpu)
+    gpus = cluster_gpus() if use_gpu else 0
+    if use_gpu and not gpus:
+        log.warning("use_gpu: the Ray cluster has no GPUs; shard actors search on CPU")
+    resources, threads, nodes = plan_shard_actors(len(specs), ray.nodes(), gpus)
     actor = ray.remote(ShardServer)
     servers = [actor.options(num_cpus=resources.cpus, num_gpus=resources.gpus, max_restarts=SHARD_MAX_RESTARTS,
                              max_task_retries=SHARD_MAX_RESTARTS,
                              scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
                .remote(workdir, spec, params, bool(resources.gpus), 0, threads, local_dir, copy_key)
-               for spec, node in zip(specs, spread_nodes(len(specs), bool(resources.gpus)))]
+               for spec, node in zip(specs, nodes)]
     # Fail here, naming the bad file, rather than at the first search.
     ray.get([s.__ray_ready__.remote() for s in servers])
     return servers

@@ -22,7 +22,8 @@ from indexing.neighbors import neighbors
 from reco.config import IndexConfig
 from reco.demo.synthetic import clustered_embeddings
 from reco.encode import CPUS_PER_CPU_REPLICA
-from reco.search import MemoryIndex, memory_service, near_duplicate_ids
+from reco.errors import RecoError
+from reco.search import MemoryIndex, memory_service, near_duplicate_ids, plan_shard_actors
 from reco.shard_jobs import actor_resources
 from tests.conftest import local_cluster, make_config, write_memory
 
@@ -133,6 +134,26 @@ def test_shard_actors_fit_one_node(cluster):
     # reco embed's default on CPU: a single-threaded replica per CPU
     replicas = actor_resources(10, cpus_per_cpu_actor=CPUS_PER_CPU_REPLICA, max_cpus=8)
     assert (replicas.actors, replicas.cpus) == (6, 1.0)
+
+
+def node(node_id: str, alive: bool = True, **resources: float) -> dict:
+    """A node as `ray.nodes()` describes it (the fields the plan reads)."""
+    return {"NodeID": node_id, "Alive": alive, "Resources": resources}
+
+
+def test_shard_actor_plan_counts_only_the_nodes_that_hold_shards():
+    """A head without CPUs, or CPU nodes beside GPU ones, hold no shard: they must not shrink
+    the shards' CPUs and threads, nor change how many shards each holding node gets."""
+    cpu_nodes = [node("c", CPU=2), node("a", CPU=0), node("b", CPU=2)]
+    resources, threads, nodes = plan_shard_actors(2, cpu_nodes, gpus=0)
+    assert (resources.cpus, resources.gpus, threads, nodes) == (1.0, 0.0, 2, ["b", "c"])
+    # ray_cluster.yaml's shape: a 32-CPU head, GPU nodes (one of them gone), a CPU node
+    cluster = [node("head", CPU=32), node("g2", CPU=96, GPU=8), node("g1", CPU=96, GPU=8),
+               node("g0", alive=False, CPU=96, GPU=8), node("cpu", CPU=64)]
+    resources, threads, nodes = plan_shard_actors(4, cluster, gpus=16)
+    assert (resources.cpus, resources.gpus, threads, nodes) == (24.0, 1.0, 48, ["g1", "g2", "g1", "g2"])
+    with pytest.raises(RecoError, match="no alive node of the Ray cluster has CPUs"):
+        plan_shard_actors(1, [node("a", CPU=0), node("b", alive=False, CPU=4)], gpus=0)
 
 
 def test_killed_shard_actor_during_neighbors_is_restarted(workdirs):
