@@ -32,10 +32,9 @@ from pipeline.embed import embed  # noqa: E402
 from reco.cluster import init_ray  # noqa: E402
 from reco.config import config_from_dict  # noqa: E402
 from reco.demo import synthetic  # noqa: E402
-from reco.encode import CPUS_PER_CPU_REPLICA  # noqa: E402
+from reco.encode import replica_resources  # noqa: E402
 from reco.malloc import keep_freed_memory  # noqa: E402
 from reco.models import load_clip  # noqa: E402
-from reco.shard_jobs import actor_resources  # noqa: E402
 
 
 def bare_forward(clip, images: torch.Tensor, tokens: torch.Tensor, batch_size: int, device: str = "cpu") -> float:
@@ -86,8 +85,7 @@ def main() -> None:
     images, tokens = bare_inputs(clip, samples)
     bare_forward(clip, images[:args.batch_size], tokens[:args.batch_size], args.batch_size)  # warm-up
 
-    replicas = actor_resources(len(samples) // args.shard_size, cpus_per_cpu_actor=CPUS_PER_CPU_REPLICA,
-                               max_cpus=8).actors  # as reco embed sizes them by default
+    replicas = replica_resources(config_from_dict({"workdir": root, **base}), len(samples) // args.shard_size).actors
     ours_rates, steady_rates, bare_rates = [], [], []
     for r in range(args.repeats):
         cfg = config_from_dict({"workdir": f"{root}/work-{r}", **base})

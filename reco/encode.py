@@ -33,7 +33,7 @@ from reco.config import ConfigError, RecoConfig
 from reco.contracts import InputShardStats, MemoryManifest, MemoryShard, SkipStats, embedding_array, memory_schema
 from reco.malloc import keep_freed_memory
 from reco.models import embed_dim, load_clip, validate_model_config
-from reco.shard_jobs import ShardActor, actor_resources, find_finished, run_shard_jobs
+from reco.shard_jobs import ActorResources, ShardActor, actor_resources, find_finished, run_shard_jobs
 from reco.tars import TarSample, TruncatedShard, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,13 @@ def _decode_threads(cfg: RecoConfig, cpus: float, gpus: float) -> int:
     return int(cpus) if gpus else 0
 
 
+def replica_resources(cfg: RecoConfig, shards: int) -> ActorResources:
+    """How many model replicas embed `shards` input shards on this cluster, and what each reserves."""
+    e = cfg.embed
+    return actor_resources(shards, num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor,
+                           gpus_per_actor=e.gpus_per_actor, cpus_per_cpu_actor=CPUS_PER_CPU_REPLICA, max_cpus=8)
+
+
 def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str, depends: dict | None = None) -> MemoryManifest:
     """Embed webdataset shards into a memory-format folder (Parquet parts + manifest).
 
@@ -270,10 +277,7 @@ def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str, depends: dic
              len(sources), len(done), len(pending) - len(todo), len(todo))
     if todo:
         init_ray()
-        e = cfg.embed
-        resources = actor_resources(len(todo), num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor,
-                                    gpus_per_actor=e.gpus_per_actor, cpus_per_cpu_actor=CPUS_PER_CPU_REPLICA,
-                                    max_cpus=8)
+        resources = replica_resources(cfg, len(todo))
         start = time.perf_counter()
         kwargs = {"cfg_json": cfg.model_dump_json(), "staging": staging, "cpus": resources.cpus,
                   "decode_threads": _decode_threads(cfg, resources.cpus, resources.gpus)}

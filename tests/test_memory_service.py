@@ -21,7 +21,7 @@ from indexing.build import build_index
 from indexing.neighbors import neighbors
 from reco.config import IndexConfig
 from reco.demo.synthetic import clustered_embeddings
-from reco.encode import CPUS_PER_CPU_REPLICA
+from reco.encode import replica_resources
 from reco.errors import RecoError
 from reco.search import MemoryIndex, memory_service, near_duplicate_ids, plan_shard_actors
 from reco.shard_jobs import actor_resources
@@ -125,14 +125,14 @@ def _kill_a_shard_actor_when_a_shard_is_written(out: Path, killed: dict) -> None
     os.kill(victim["Pid"], signal.SIGKILL)
 
 
-def test_shard_actors_fit_one_node(cluster):
+def test_shard_actors_fit_one_node(cluster, tmp_path):
     """Six CPUs on three nodes of 2: one actor asking for all six would never be placed."""
     one = actor_resources(1, max_cpus=8)
     assert (one.actors, one.cpus) == (1, 2.0)
     placed = ray.remote(num_cpus=one.cpus)(lambda: ray.get_runtime_context().get_node_id())
     assert ray.get(placed.remote(), timeout=120) in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     # reco embed's default on CPU: a single-threaded replica per CPU
-    replicas = actor_resources(10, cpus_per_cpu_actor=CPUS_PER_CPU_REPLICA, max_cpus=8)
+    replicas = replica_resources(make_config(tmp_path), 10)
     assert (replicas.actors, replicas.cpus) == (6, 1.0)
 
 
