@@ -168,12 +168,17 @@ class NeighborsConfig(Section):
 
 
 class TrainConfig(Section):
-    num_workers: int = Field(1, gt=0)
-    """Ray Train workers (data-parallel replicas; gradients all-reduced)."""
+    num_workers: int = Field(1, ge=0)
+    """Ray Train workers (data-parallel replicas; gradients all-reduced). 0: Ray Train's
+    local mode, the training in the `reco train` process itself on `cpus_per_worker` threads,
+    without Ray Train's controller and worker processes (about 10 s to start), for a split
+    small enough that their start outweighs the training; checkpoints and resumption by a
+    re-run are the same, a failure is not retried (`max_failures` does not apply)."""
     use_gpu: bool = False
     """Train on GPUs (one per worker), with autocast in `precision`."""
     cpus_per_worker: float = Field(1.0, gt=0)
-    """CPUs each worker reserves (0.5 lets two workers share one core in tests)."""
+    """CPUs each worker reserves (0.5 lets two workers share one core in tests); torch's
+    threads in local mode (`num_workers: 0`)."""
     retrieval: bool = True
     """False trains the same modules with k=0 (no memory): the control, written to
     `train/model-noretrieval/`."""

@@ -238,6 +238,40 @@ def test_killed_run_resumes_to_the_same_weights(trained, tmp_path):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_local_mode_trains_the_same_weights_in_this_process(trained, tmp_path):
+    """`train.num_workers: 0`: the loop runs in this process (Ray Train's local mode), writes
+    its own checkpoints where Ray Train would (the newest two), and ends with the weights of
+    the one-worker Ray Train run."""
+    workdir, meta = trained
+    write_split(tmp_path, synthetic_split())
+    local = train(config(tmp_path, num_workers=0))
+    assert local["steps"] == meta["steps"] and local["resumed_from"] == []
+    assert local["final_metrics"] == meta["final_metrics"]
+    assert _same_weights(workdir / "train" / "model", tmp_path / "train" / "model") == 0.0
+    run = tmp_path / "train" / "ray" / "model"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-00000024", "checkpoint-00000032"]
+    assert all(sorted(p.name for p in folder.iterdir()) == ["meta.json", "state.pt"] for folder in run.iterdir())
+
+
+def test_killed_local_mode_driver_resumes_to_the_same_weights(trained, tmp_path):
+    """A `reco train` in local mode SIGKILLed mid-run leaves complete checkpoints behind; the
+    re-run resumes from the newest and ends with the uninterrupted run's weights."""
+    workdir, meta = trained
+    write_split(tmp_path, synthetic_split())
+    cfg = config(tmp_path, num_workers=0, checkpoint_every=6)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.Popen([sys.executable, "-m", "reco.cli", "train", str(cfg_file)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = _kill_after(proc, tmp_path / "train" / "ray" / "model", 18)
+    assert 18 <= killed_at < meta["steps"], killed_at
+    assert not (tmp_path / "train" / "model").exists()
+
+    resumed = train(cfg)
+    assert resumed["steps"] == meta["steps"] and resumed["resumed_from"] == [killed_at]
+    assert _same_weights(workdir / "train" / "model", tmp_path / "train" / "model") < 1e-6
+
+
 def _descendants(pid: int) -> list[int]:
     """Process ids below `pid` (Linux /proc): our own Ray's processes, not another session's."""
     children: dict[int, list[int]] = {}

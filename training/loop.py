@@ -4,7 +4,10 @@ modules with the RECO loss, report checkpoints to Ray Train, and (rank 0) write 
 model.
 
 A worker (re)starts from `ray.train.get_checkpoint()`, the latest checkpoint this run
-reported (after a lost worker, or a re-run of the same command), else afresh. The data
+reported (after a lost worker, or a re-run of the same command), else afresh. In Ray
+Train's local mode (`train.num_workers: 0`: the loop runs in the driver, and Ray Train
+keeps nothing) the loop writes its checkpoints to the same folder itself and resumes from
+the newest complete one the driver found there. The data
 position of a step is a pure function of the step: every epoch has exactly
 `steps_per_epoch` batches in an order fixed by the seed and the epoch (each epoch is its
 own seeded permutation of the whole split), so a resumed run skips the batches of the
@@ -52,6 +55,10 @@ class Plan(BaseModel):
     total_steps: int
     checkpoints: str
     """URL of the folder where Ray Train keeps this run's checkpoints."""
+    local: bool = False
+    """Ray Train's local mode: this process persists its checkpoints (`checkpoints`) itself."""
+    resume_from: str | None = None
+    """Local mode: the newest complete checkpoint folder in `checkpoints` when the run started."""
     model_dir: str
     logdir: str
     urls: list[str]
@@ -144,7 +151,11 @@ CHECKPOINT_STATE = "state.pt"
 """In a checkpoint folder: the tensors (weights, optimiser, scheduler, scaler states),
 loaded with `torch.load(weights_only=True)`: a checkpoint never runs a pickle."""
 CHECKPOINT_META = "meta.json"
-"""In a checkpoint folder: the step, the settings fingerprint and the last metrics."""
+"""In a checkpoint folder: the step, the settings fingerprint and the last metrics; written
+last, so a folder without it is incomplete."""
+KEEP_CHECKPOINTS = 2
+"""Checkpoints kept per run; Ray Train deletes older ones once a newer one is registered,
+local mode once a newer one is written."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -157,6 +168,29 @@ def write_checkpoint(folder: str, step: int, model: RecoFusion, opt, sched, scal
                 "scaler": scaler.state_dict()}, os.path.join(folder, CHECKPOINT_STATE))
     with open(os.path.join(folder, CHECKPOINT_META), "w") as f:
         json.dump({"step": step, **meta}, f)
+
+
+def checkpoint_folders(url: str) -> list[str]:
+    """URLs of the `checkpoint-<step>` folders in a run's storage folder, newest first."""
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache(path)
+    if not fs.isdir(path):
+        return []
+    folders = (p.rstrip("/") for p in fs.ls(path, detail=False))
+    return [storage.full_url(fs, p) for p in sorted(folders, reverse=True)
+            if p.rsplit("/", 1)[-1].startswith("checkpoint-")]
+
+
+def persist_checkpoint(local_folder: str, run: str, step: int) -> None:
+    """A local checkpoint folder copied into the run's folder `run` as step's, meta.json
+    last, then all but the newest `KEEP_CHECKPOINTS` removed: local mode's counterpart of
+    Ray Train's persisting a reported checkpoint."""
+    url = storage.join(run, checkpoint_dir_name(step))
+    for name in (CHECKPOINT_STATE, CHECKPOINT_META):
+        with open(os.path.join(local_folder, name), "rb") as f:
+            storage.write_bytes_atomic(storage.join(url, name), f.read())
+    for old in checkpoint_folders(run)[KEEP_CHECKPOINTS:]:
+        storage.remove(old, recursive=True)
 
 
 def check_fingerprint(meta: dict, fingerprint: dict, where: str) -> None:
@@ -173,11 +207,13 @@ def check_fingerprint(meta: dict, fingerprint: dict, where: str) -> None:
 
 
 def load_checkpoint(folder: str, fingerprint: dict, where: str) -> dict:
-    """A local checkpoint folder's meta.json merged with its tensors, after the fingerprint check."""
-    with open(os.path.join(folder, CHECKPOINT_META)) as f:
-        meta = json.load(f)
+    """A checkpoint folder's meta.json merged with its tensors, after the fingerprint check;
+    `folder` is local, or any fsspec URL."""
+    meta = storage.read_json(storage.join(folder, CHECKPOINT_META))
     check_fingerprint(meta, fingerprint, where)
-    state = torch.load(os.path.join(folder, CHECKPOINT_STATE), map_location="cpu", weights_only=True)
+    fs, path = storage.filesystem(storage.join(folder, CHECKPOINT_STATE))
+    with fs.open(path, "rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
     return {**meta, **state}
 
 
@@ -206,12 +242,18 @@ class Trainer:
 
     def _resume(self) -> int:
         """Resume order: the latest checkpoint this run reported to Ray Train (kept across
-        lost workers and re-runs of the same command), else a fresh start."""
+        lost workers and re-runs of the same command), or in local mode the newest the driver
+        found in storage, else a fresh start."""
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is not None:
+            where = checkpoint.path
+            with checkpoint.as_directory() as folder:
+                state = load_checkpoint(folder, self.plan.fingerprint, where)
+        elif self.plan.local and self.plan.resume_from:
+            where = self.plan.resume_from
+            state = load_checkpoint(where, self.plan.fingerprint, where)
+        else:
             return 0
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder, self.plan.fingerprint, checkpoint.path)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -219,7 +261,7 @@ class Trainer:
         self.metrics = state["metrics"]
         self.resumed_from = [*state["resumed_from"], state["step"]]
         if self.rank == 0:
-            log.info("resuming from %s at step %d", checkpoint.path, state["step"])
+            log.info("resuming from %s at step %d", where, state["step"])
         return state["step"]
 
     def _writer(self):
@@ -308,6 +350,10 @@ class Trainer:
             write_checkpoint(folder, self.step, self.model, self.opt, self.sched, self.scaler,
                              {"fingerprint": self.plan.fingerprint, "metrics": metrics,
                               "resumed_from": self.resumed_from})
+            if self.plan.local:  # Ray Train's local mode keeps a reported checkpoint in memory only
+                persist_checkpoint(folder, self.plan.checkpoints, self.step)
+                ray.train.report(metrics)
+                return
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=checkpoint_dir_name(self.step))
 

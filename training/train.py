@@ -7,7 +7,9 @@ through Ray Data; gradients are all-reduced by DDP. Every
 `train.checkpoint_every` steps the workers report a checkpoint to Ray Train, kept in
 `<workdir>/train/ray/<run>/`: a lost worker is replaced and the run goes on from there
 (up to `train.max_failures` times), and a re-run of a killed driver resumes there too,
-at the same step, optimizer state and data position. The final weights and the config
+at the same step, optimizer state and data position. `train.num_workers: 0` runs the
+same loop in this process (Ray Train's local mode), which then writes the checkpoints to
+the same folder itself. The final weights and the config
 that made them go to `<workdir>/train/model/`, or for an ablation's settings to
 `model-<variant>/` (`RecoConfig.variant`: `model-noretrieval/` for the control trained
 with `train.retrieval=false`); TensorBoard logs to `train/logs/`. The parameter-free
@@ -23,26 +25,25 @@ import os
 import pyarrow.fs
 import ray
 import ray.train
+import torch
 from fsspec.implementations.local import LocalFileSystem
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from reco import storage
 from reco.cluster import init_ray, ray_train_log_level
-from reco.config import ConfigError, RecoConfig
+from reco.config import ConfigError, RecoConfig, TrainConfig
 from reco.contracts import (FUSION_META, TRAIN_DIR, NeighborsManifest, fusion_model_dir, fusion_model_name,
                             neighbors_folder, token_columns)
 from reco.depends import TRAIN_RUNTIME, neighbors_generation, stage_depends
 from reco.fusion import RecoFusion, save_fusion
-from training.loop import (CHECKPOINT_META, NonFiniteLossError, Plan, check_fingerprint, dataset_name,
-                           fusion_meta, train_loop_per_worker)
+from training.loop import (CHECKPOINT_META, KEEP_CHECKPOINTS, NonFiniteLossError, Plan, check_fingerprint,
+                           checkpoint_folders, dataset_name, fusion_meta, train_loop_per_worker)
 
 log = logging.getLogger(__name__)
 
 RAY_DIR = "ray"
 """Under `<workdir>/train/`: Ray Train's storage, one folder per run (its checkpoints)."""
-KEEP_CHECKPOINTS = 2
-"""Checkpoints kept per run; Ray Train deletes older ones once a newer one is registered."""
 POLL_INTERVAL_S = "0.5"
 """How often Ray Train's controller polls its workers (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`,
 Ray's default 2 s). Every checkpoint report and the run's end wait for a poll: with the
@@ -88,13 +89,19 @@ def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
                           "there are none (use train.fuse=cross for the no-retrieval control)")
     if manifest.d % t.heads:
         raise ConfigError(f"train.heads: the embedding width {manifest.d} is not divisible by {t.heads}")
-    if t.batch_size % t.num_workers:
+    world = world_size(t)
+    if t.batch_size % world:
         raise ConfigError(f"train.batch_size: {t.batch_size} does not split evenly over "
                           f"train.num_workers={t.num_workers}")
-    if manifest.total_rows // t.num_workers < t.batch_size // t.num_workers:
+    if manifest.total_rows // world < t.batch_size // world:
         raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the split's "
                           f"{manifest.total_rows} pairs; lower it")
     return manifest, _check_shards(manifest, folder, manifest.k)
+
+
+def world_size(t: TrainConfig) -> int:
+    """The processes training: `num_workers`, or the one local-mode process for 0."""
+    return t.num_workers or 1
 
 
 def split_gb(rows: int, d: int, k: int) -> float:
@@ -108,7 +115,8 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest, urls: list[str]) -> 
     k = manifest.k if t.retrieval else 0
     name = fusion_model_name(cfg.variant)
     # Equal splits: every worker gets rows // W pairs and drops its last partial batch.
-    steps_per_epoch = (manifest.total_rows // t.num_workers) // (t.batch_size // t.num_workers)
+    world = world_size(t)
+    steps_per_epoch = (manifest.total_rows // world) // (t.batch_size // world)
     identity = {"split": t.split, "model": manifest.model, "pretrained": manifest.pretrained,
                 "d": manifest.d, "k": k, "rows": manifest.total_rows,
                 "dedup_threshold": manifest.dedup_threshold, "search": manifest.search,
@@ -120,7 +128,7 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest, urls: list[str]) -> 
     return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
                 urls=urls, columns=columns, in_memory=split_gb(manifest.total_rows, manifest.d, k) <= t.in_memory_gb,
                 total_steps=steps_per_epoch * t.epochs,
-                checkpoints=cfg.path(TRAIN_DIR, RAY_DIR, name),
+                checkpoints=cfg.path(TRAIN_DIR, RAY_DIR, name), local=t.num_workers == 0,
                 model_dir=fusion_model_dir(cfg.workdir, cfg.variant), logdir=cfg.path(TRAIN_DIR, "logs", name),
                 fingerprint=fingerprint, neighbors=identity)
 
@@ -171,15 +179,9 @@ def latest_checkpoint(plan: Plan) -> tuple[str, dict] | None:
     """(URL, meta.json) of the run's newest complete checkpoint folder in storage, if any.
 
     Ray Train itself resumes from the latest checkpoint it registered; this look is the
-    driver's, to refuse one made with other settings before any worker starts."""
-    fs, path = storage.filesystem(plan.checkpoints)
-    fs.invalidate_cache(path)
-    if not fs.isdir(path):
-        return None
-    folders = sorted((p for p in fs.ls(path, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith(
-        "checkpoint-")), reverse=True)
-    for folder in folders:
-        url = storage.full_url(fs, folder.rstrip("/"))
+    driver's, to refuse one made with other settings before any worker starts (and in local
+    mode, the one to resume from)."""
+    for url in checkpoint_folders(plan.checkpoints):
         try:
             return url, storage.read_json(storage.join(url, CHECKPOINT_META))
         except (FileNotFoundError, json.JSONDecodeError):
@@ -255,19 +257,42 @@ def train(cfg: RecoConfig, replace: bool = False) -> dict:
                     fusion_meta(cfg, plan, 0, {}, []), plan.model_dir)
         return _record(plan.model_dir, storage.read_json(storage.join(plan.model_dir, FUSION_META)), depends)
     latest = _check_checkpoints(plan, replace)
-    log.info("training %s: %d pairs (%s), %d steps (%d per epoch), global batch %d on %d worker(s)%s",
+    log.info("training %s: %d pairs (%s), %d steps (%d per epoch), global batch %d %s%s",
              plan.model_dir, plan.rows, "in each worker's memory" if plan.in_memory else "streamed by Ray Data",
-             plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size, cfg.train.num_workers,
+             plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
+             "in this process (Ray Train's local mode)" if plan.local else f"on {cfg.train.num_workers} worker(s)",
              f"; checkpoints up to step {latest[1]['step']} in storage" if latest else "")
-    init_ray()
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S)  # read by the controller
+    if plan.local:
+        plan = plan.model_copy(update={"resume_from": latest[0] if latest else None})
+        result = _fit_locally(cfg, plan)
+    else:
+        init_ray()
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S)  # read by the controller
+        result = _fit(cfg, plan)
+    if isinstance(result.return_value, dict) and "error" in result.return_value:
+        raise NonFiniteLossError(result.return_value["error"])
+    return _record(plan.model_dir, storage.read_json(storage.join(plan.model_dir, FUSION_META)), depends)
+
+
+def _fit(cfg: RecoConfig, plan: Plan) -> ray.train.Result:
     try:
-        result = _trainer(cfg, plan).fit()
+        return _trainer(cfg, plan).fit()
     except ray.train.WorkerGroupError as err:
         for failure in err.worker_failures.values():
             if isinstance(failure, (NonFiniteLossError, ConfigError)):
                 raise failure from None
         raise
-    if isinstance(result.return_value, dict) and "error" in result.return_value:
-        raise NonFiniteLossError(result.return_value["error"])
-    return _record(plan.model_dir, storage.read_json(storage.join(plan.model_dir, FUSION_META)), depends)
+
+
+def _fit_locally(cfg: RecoConfig, plan: Plan) -> ray.train.Result:
+    """Ray Train's local mode: the loop in this process, on `cpus_per_worker` threads as a
+    worker would have; Ray is started only for Ray Data to stream a split too large for
+    memory."""
+    if not plan.in_memory:
+        init_ray()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    try:
+        return _trainer(cfg, plan).fit()
+    finally:
+        torch.set_num_threads(threads)
