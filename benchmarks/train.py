@@ -1,14 +1,15 @@
-"""`reco train` (1 Ray Train worker) against a bare PyTorch loop on the same shards.
+"""`reco train` (local mode, and 1 Ray Train worker) against a bare PyTorch loop on the same shards.
 
 Both train the same RecoFusion with AdamW, warmup + cosine and the RECO loss, at the
 same batch size, over the same synthetic neighbour shards. Bare: the shards read once
 with pyarrow into tensors, then a plain loop over shuffled batches in this process.
-Ours: the stage end to end (Ray Train's controller and worker group, the split read into
-the worker's memory or, with `--in-memory-gb 0`, streamed by Ray Data with a shuffle per
-epoch; checkpoints, TensorBoard). Reported: end-to-end samples/s (start-up included) and
+Ours: the stage end to end, twice: in Ray Train's local mode (`train.num_workers: 0`, the
+loop in this process) and with one Ray Train worker (Ray Train's controller and worker
+group); the split read into memory or, with `--in-memory-gb 0`, streamed by Ray Data with
+a shuffle per epoch; checkpoints, TensorBoard. Reported: end-to-end samples/s (start-up included) and
 steady-state samples/s (the median step time: for ours from the step wall times in its
 TensorBoard log, for bare from the loop's own clock). Repeats alternate; medians; the
-end-to-end ratio last. The demo's size is `--rows 5400 --d 64 --epochs 20`.
+end-to-end ratios last. The demo's size is `--rows 5400 --d 64 --epochs 20`.
 
     python benchmarks/train.py [--rows 32768] [--d 128] [--k 10] [--batch-size 256] [--epochs 2]
                                [--in-memory-gb 2]
@@ -124,19 +125,25 @@ def main() -> None:
     init_ray()
     torch.set_num_threads(int(cfg.train.cpus_per_worker))  # the same threads as the Ray worker
     samples = (args.rows // args.batch_size) * args.batch_size * args.epochs
-    results = {"bare": [], "ours": []}
+    sides = {"bare": None, "local": cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 0})}),
+             "ray": cfg}
+    results = {name: [] for name in sides}
     for _ in range(args.repeats):
-        results["bare"].append(bare_loop(cfg, storage.join(root, "neighbors", "train")))
-        results["ours"].append(ours(cfg))
+        for name, side_cfg in sides.items():
+            results[name].append(ours(side_cfg) if side_cfg else
+                                 bare_loop(cfg, storage.join(root, "neighbors", "train")))
     med = {name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
            for name, runs in results.items()}
     print(f"{args.rows} pairs, d={args.d}, k={args.k}, batch {args.batch_size}, {args.epochs} epochs, "
           f"{args.repeats} repeats (medians)")
+    labels = {"bare": "bare loop", "local": "reco train, local mode", "ray": "reco train, 1 Ray Train worker"}
     for name, (total, step) in med.items():
-        print(f"  {name:5s} end to end {samples / total:7.0f} samples/s ({total:.1f} s); "
+        print(f"  {labels[name]:30s} end to end {samples / total:7.0f} samples/s ({total:.1f} s); "
               f"steady state {args.batch_size / step:7.0f} samples/s ({step * 1000:.1f} ms/step)")
-    print(f"train steady state: {med['bare'][1] / med['ours'][1]:.2f}x of a bare PyTorch loop")
-    print(f"train end to end: {med['bare'][0] / med['ours'][0]:.2f}x of a bare PyTorch loop")
+    for index in (1, 0):
+        print(f"train {('end to end', 'steady state')[index]}: "
+              f"{med['bare'][index] / med['local'][index]:.2f}x of a bare PyTorch loop in local mode, "
+              f"{med['bare'][index] / med['ray'][index]:.2f}x with 1 Ray Train worker")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -40,8 +40,10 @@ def demo_config(workdir: str, scale: DemoScale, train_cpus: float = 1.0) -> Reco
     from reco.demo import world
 
     sections = world.config_sections(workdir, f"{workdir}/frozen-clip.pt")
+    # num_workers 0: Ray Train's local mode. Each training of the demo's 30 MB split takes
+    # seconds; Ray Train's controller and worker would take longer to start than that.
     sections["train"] = {**sections["train"], "epochs": scale.epochs, "checkpoint_every": 50, "log_every": 42,
-                         "cpus_per_worker": train_cpus}
+                         "num_workers": 0, "cpus_per_worker": train_cpus}
     data = {
         "workdir": workdir,
         "seed": 0,
@@ -55,8 +57,8 @@ def demo_config(workdir: str, scale: DemoScale, train_cpus: float = 1.0) -> Reco
 
 
 def _train_cpus() -> float:
-    """The demo trains one model at a time with nothing else running, so its one worker
-    may take the free cores (torch's threads follow the worker's CPUs), up to 4."""
+    """The demo trains one model at a time with nothing else running, so its training may
+    take the free cores (torch's threads follow `cpus_per_worker`), up to 4."""
     import ray
 
     return float(min(4, max(1, int(ray.available_resources().get("CPU", 1)))))
