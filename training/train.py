@@ -258,7 +258,7 @@ def train(cfg: RecoConfig, replace: bool = False) -> dict:
         return _record(plan.model_dir, storage.read_json(storage.join(plan.model_dir, FUSION_META)), depends)
     latest = _check_checkpoints(plan, replace)
     log.info("training %s: %d pairs (%s), %d steps (%d per epoch), global batch %d %s%s",
-             plan.model_dir, plan.rows, "in each worker's memory" if plan.in_memory else "streamed by Ray Data",
+             plan.model_dir, plan.rows, ("in memory" if plan.local else "in each worker's memory") if plan.in_memory else "streamed by Ray Data",
              plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
              "in this process (Ray Train's local mode)" if plan.local else f"on {cfg.train.num_workers} worker(s)",
              f"; checkpoints up to step {latest[1]['step']} in storage" if latest else "")
