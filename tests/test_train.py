@@ -253,6 +253,18 @@ def test_local_mode_trains_the_same_weights_in_this_process(trained, tmp_path):
     assert all(sorted(p.name for p in folder.iterdir()) == ["meta.json", "state.pt"] for folder in run.iterdir())
 
 
+def test_local_mode_streams_a_split_in_the_same_batches(tmp_path):
+    """A split streamed by Ray Data in local mode (no DataConfig applies there) is read in the
+    same batches as from memory: in file order, both end with the same weights."""
+    models = {}
+    for in_memory_gb in (2.0, 0.0):
+        workdir = tmp_path / str(in_memory_gb)
+        write_split(workdir, synthetic_split(rows=128))
+        train(config(workdir, num_workers=0, shuffle=False, epochs=1, in_memory_gb=in_memory_gb))
+        models[in_memory_gb] = workdir / "train" / "model"
+    assert _same_weights(models[2.0], models[0.0]) == 0.0
+
+
 def test_killed_local_mode_driver_resumes_to_the_same_weights(trained, tmp_path):
     """A `reco train` in local mode SIGKILLed mid-run leaves complete checkpoints behind; the
     re-run resumes from the newest and ends with the uninterrupted run's weights."""

@@ -223,6 +223,9 @@ def epoch_datasets(cfg: RecoConfig, urls: list[str], columns: list[str]) -> dict
         # The workers log their steps; Ray Data's bars, redrawn every epoch by the split
         # coordinator, would bury them.
         dataset.context.enable_progress_bars = False
+        # The same order every time, as exact resumption needs: Ray Train workers get this
+        # from the trainer's DataConfig, local mode reads the datasets as they are.
+        dataset.context.execution_options.preserve_order = True
     return named
 
 
