@@ -408,6 +408,7 @@ def test_checkpoint_from_other_settings_is_refused(trained, tmp_path):
     ("width", "width 16"),
     ("k", "built with k=4, the config says 10"),
     ("batch", "larger than the split"),
+    ("local-gpu", "no CUDA device in this process"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, case, message):
     cfg = config(tmp_path)
@@ -425,5 +426,10 @@ def test_bad_input_is_a_clear_error(tmp_path, case, message):
         cfg = make_config(tmp_path, train=TRAIN)
     elif case == "batch":
         write_split(tmp_path, synthetic_split(rows=16))
+    elif case == "local-gpu":
+        if torch.cuda.is_available():
+            pytest.skip("the error is for a machine without a GPU")
+        write_split(tmp_path, synthetic_split(rows=64))
+        cfg = config(tmp_path, num_workers=0, use_gpu=True)
     with pytest.raises(ConfigError, match=message):
         train(cfg)

@@ -224,7 +224,9 @@ class Trainer:
         ctx = ray.train.get_context()
         self.cfg, self.plan = cfg, plan
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        # Ray Train assigns a worker its GPU; local mode's process has none assigned.
+        local_gpu = plan.local and cfg.train.use_gpu
+        self.device = torch.device("cuda") if local_gpu else ray.train.torch.get_device()
         torch.manual_seed(cfg.seed)
         self.model = RecoFusion(plan.d, cfg.train.heads, cfg.train.mlp_ratio, cfg.train.fuse).to(self.device)
         self.opt = make_optimizer(self.model, cfg)

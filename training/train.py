@@ -90,6 +90,9 @@ def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
     if manifest.d % t.heads:
         raise ConfigError(f"train.heads: the embedding width {manifest.d} is not divisible by {t.heads}")
     world = world_size(t)
+    if t.num_workers == 0 and t.use_gpu and not torch.cuda.is_available():
+        raise ConfigError("train.use_gpu: no CUDA device in this process, where local mode "
+                          "(train.num_workers=0) trains; use workers on a GPU node, or use_gpu=false")
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size: {t.batch_size} does not split evenly over "
                           f"train.num_workers={t.num_workers}")
