@@ -265,6 +265,23 @@ def test_local_mode_streams_a_split_in_the_same_batches(tmp_path):
     assert _same_weights(models[2.0], models[0.0]) == 0.0
 
 
+def test_checkpoint_carrying_code_is_refused_and_never_run(tmp_path):
+    """A checkpoint's state.pt replaced by a pickle that would run a command: the re-run
+    names the checkpoint and stops, and the command never ran."""
+    from tests.test_bad_input import _MarkerPayload
+
+    write_split(tmp_path, synthetic_split(rows=64))
+    cfg = config(tmp_path, num_workers=0, epochs=1, checkpoint_every=1)
+    train(cfg)
+    shutil.rmtree(tmp_path / "train" / "model")
+    newest = tmp_path / "train" / "ray" / "model" / "checkpoint-00000002"
+    marker = tmp_path / "marker"
+    torch.save({"model": _MarkerPayload(marker)}, newest / "state.pt")
+    with pytest.raises(ConfigError, match=r"checkpoint-00000002: torch.load\(weights_only=True\) refused"):
+        train(cfg)
+    assert not marker.exists()
+
+
 def test_killed_local_mode_driver_resumes_to_the_same_weights(trained, tmp_path):
     """A `reco train` in local mode SIGKILLed mid-run leaves complete checkpoints behind; the
     re-run resumes from the newest and ends with the uninterrupted run's weights."""

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import tempfile
 from contextlib import nullcontext
 
@@ -212,8 +213,13 @@ def load_checkpoint(folder: str, fingerprint: dict, where: str) -> dict:
     meta = storage.read_json(storage.join(folder, CHECKPOINT_META))
     check_fingerprint(meta, fingerprint, where)
     fs, path = storage.filesystem(storage.join(folder, CHECKPOINT_STATE))
-    with fs.open(path, "rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        with fs.open(path, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ConfigError(f"train: checkpoint {where}: torch.load(weights_only=True) refused or could not read "
+                          f"its {CHECKPOINT_STATE} and ran none of it ({str(err).splitlines()[0]}); delete that "
+                          "folder to resume from the one before, or the run's folder to start afresh") from None
     return {**meta, **state}
 
 
