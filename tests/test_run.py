@@ -210,7 +210,9 @@ def test_ablations_train_each_variant_and_report_a_column_each(world):
     """`evaluate.ablations`: the variants' neighbours and models are made before the evaluation,
     each in its own folder, and the report has a column for each; a second run does nothing."""
     base, checkpoint, _ = world
-    cfg = world_config(base, checkpoint, neighbors={"k": 4}, evaluate={"ablations": True})
+    # Four trainings in Ray Train's local mode (a runtime setting: no stage re-runs for it),
+    # each saving Ray Train's start; the first run trained with a worker.
+    cfg = world_config(base, checkpoint, neighbors={"k": 4}, train={"num_workers": 0}, evaluate={"ablations": True})
     runs = run_pipeline(cfg)
     assert [r.stage for r in runs] == [*STAGES[:-1], "neighbors (search_cross)", "train (search_cross)",
                                        "train (fuse_uni)", "train (no_retrieval)", "evaluate"]
