@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import tempfile
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -105,7 +106,11 @@ def batch_tensors(batch: pa.Table, k: int, fuse: Fuse, device: torch.device) -> 
         out[f"{query}_tokens"] = nested_to_numpy(batch[tokens]) if k else np.zeros((n, 0, d), np.float32)
         out[f"{query}_missing"] = (batch[ids].combine_chunks().flatten().to_numpy().reshape(n, k) < 0 if k
                                    else np.zeros((n, 0), bool))
-    return {name: torch.from_numpy(x).to(device, non_blocking=True) for name, x in out.items()}
+    with warnings.catch_warnings():
+        # float32 columns come zero-copy from Arrow, read-only; nothing writes to these tensors
+        # (batches are gathered copies), so torch's warning about that would only be noise.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(x).to(device, non_blocking=True) for name, x in out.items()}
 
 
 class SplitInMemory:
