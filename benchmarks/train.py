@@ -140,8 +140,8 @@ def main() -> None:
     for name, (total, step) in med.items():
         print(f"  {labels[name]:30s} end to end {samples / total:7.0f} samples/s ({total:.1f} s); "
               f"steady state {args.batch_size / step:7.0f} samples/s ({step * 1000:.1f} ms/step)")
-    for index in (1, 0):
-        print(f"train {('end to end', 'steady state')[index]}: "
+    for label, index in (("steady state", 1), ("end to end", 0)):
+        print(f"train {label}: "
               f"{med['bare'][index] / med['local'][index]:.2f}x of a bare PyTorch loop in local mode, "
               f"{med['bare'][index] / med['ray'][index]:.2f}x with 1 Ray Train worker")
     shutil.rmtree(root, ignore_errors=True)

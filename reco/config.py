@@ -224,6 +224,16 @@ class TrainConfig(Section):
     `mean`: nothing is trained, the refined embedding is the L2-normalised mean of the
     cross tokens."""
 
+    @property
+    def local_mode(self) -> bool:
+        """`num_workers: 0`: Ray Train's local mode, the training in this process."""
+        return self.num_workers == 0
+
+    @property
+    def world_size(self) -> int:
+        """The processes training: the workers, or the one local-mode process."""
+        return self.num_workers or 1
+
 
 class EvalDataset(Section):
     """One evaluation set: where its images come from, and what is measured on it."""

@@ -57,8 +57,6 @@ class Plan(BaseModel):
     total_steps: int
     checkpoints: str
     """URL of the folder where Ray Train keeps this run's checkpoints."""
-    local: bool = False
-    """Ray Train's local mode: this process persists its checkpoints (`checkpoints`) itself."""
     resume_from: str | None = None
     """Local mode: the newest complete checkpoint folder in `checkpoints` when the run started."""
     model_dir: str
@@ -236,7 +234,7 @@ class Trainer:
         self.cfg, self.plan = cfg, plan
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         # Ray Train assigns a worker its GPU; local mode's process has none assigned.
-        local_gpu = plan.local and cfg.train.use_gpu
+        local_gpu = cfg.train.local_mode and cfg.train.use_gpu
         self.device = torch.device("cuda") if local_gpu else ray.train.torch.get_device()
         torch.manual_seed(cfg.seed)
         self.model = RecoFusion(plan.d, cfg.train.heads, cfg.train.mlp_ratio, cfg.train.fuse).to(self.device)
@@ -262,7 +260,7 @@ class Trainer:
             where = checkpoint.path
             with checkpoint.as_directory() as folder:
                 state = load_checkpoint(folder, self.plan.fingerprint, where)
-        elif self.plan.local and self.plan.resume_from:
+        elif self.cfg.train.local_mode and self.plan.resume_from:
             where = self.plan.resume_from
             state = load_checkpoint(where, self.plan.fingerprint, where)
         else:
@@ -363,7 +361,7 @@ class Trainer:
             write_checkpoint(folder, self.step, self.model, self.opt, self.sched, self.scaler,
                              {"fingerprint": self.plan.fingerprint, "metrics": metrics,
                               "resumed_from": self.resumed_from})
-            if self.plan.local:  # Ray Train's local mode keeps a reported checkpoint in memory only
+            if self.cfg.train.local_mode:  # Ray Train's local mode keeps a reported checkpoint in memory only
                 persist_checkpoint(folder, self.plan.checkpoints, self.step)
                 ray.train.report(metrics)
                 return

@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 
 from reco import storage
 from reco.cluster import init_ray, ray_train_log_level
-from reco.config import ConfigError, RecoConfig, TrainConfig
+from reco.config import ConfigError, RecoConfig
 from reco.contracts import (FUSION_META, TRAIN_DIR, NeighborsManifest, fusion_model_dir, fusion_model_name,
                             neighbors_folder, token_columns)
 from reco.depends import TRAIN_RUNTIME, neighbors_generation, stage_depends
@@ -89,8 +89,8 @@ def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
                           "there are none (use train.fuse=cross for the no-retrieval control)")
     if manifest.d % t.heads:
         raise ConfigError(f"train.heads: the embedding width {manifest.d} is not divisible by {t.heads}")
-    world = world_size(t)
-    if t.num_workers == 0 and t.use_gpu and not torch.cuda.is_available():
+    world = t.world_size
+    if t.local_mode and t.use_gpu and not torch.cuda.is_available():
         raise ConfigError("train.use_gpu: no CUDA device in this process, where local mode "
                           "(train.num_workers=0) trains; use workers on a GPU node, or use_gpu=false")
     if t.batch_size % world:
@@ -100,11 +100,6 @@ def _validate(cfg: RecoConfig) -> tuple[NeighborsManifest, list[str]]:
         raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the split's "
                           f"{manifest.total_rows} pairs; lower it")
     return manifest, _check_shards(manifest, folder, manifest.k)
-
-
-def world_size(t: TrainConfig) -> int:
-    """The processes training: `num_workers`, or the one local-mode process for 0."""
-    return t.num_workers or 1
 
 
 def split_gb(rows: int, d: int, k: int) -> float:
@@ -118,7 +113,7 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest, urls: list[str]) -> 
     k = manifest.k if t.retrieval else 0
     name = fusion_model_name(cfg.variant)
     # Equal splits: every worker gets rows // W pairs and drops its last partial batch.
-    world = world_size(t)
+    world = t.world_size
     steps_per_epoch = (manifest.total_rows // world) // (t.batch_size // world)
     identity = {"split": t.split, "model": manifest.model, "pretrained": manifest.pretrained,
                 "d": manifest.d, "k": k, "rows": manifest.total_rows,
@@ -131,7 +126,7 @@ def make_plan(cfg: RecoConfig, manifest: NeighborsManifest, urls: list[str]) -> 
     return Plan(d=manifest.d, k=k, rows=manifest.total_rows, steps_per_epoch=steps_per_epoch,
                 urls=urls, columns=columns, in_memory=split_gb(manifest.total_rows, manifest.d, k) <= t.in_memory_gb,
                 total_steps=steps_per_epoch * t.epochs,
-                checkpoints=cfg.path(TRAIN_DIR, RAY_DIR, name), local=t.num_workers == 0,
+                checkpoints=cfg.path(TRAIN_DIR, RAY_DIR, name),
                 model_dir=fusion_model_dir(cfg.workdir, cfg.variant), logdir=cfg.path(TRAIN_DIR, "logs", name),
                 fingerprint=fingerprint, neighbors=identity)
 
@@ -263,12 +258,13 @@ def train(cfg: RecoConfig, replace: bool = False) -> dict:
                     fusion_meta(cfg, plan, 0, {}, []), plan.model_dir)
         return _record(plan.model_dir, storage.read_json(storage.join(plan.model_dir, FUSION_META)), depends)
     latest = _check_checkpoints(plan, replace)
+    local = cfg.train.local_mode
+    split = ("in memory" if local else "in each worker's memory") if plan.in_memory else "streamed by Ray Data"
     log.info("training %s: %d pairs (%s), %d steps (%d per epoch), global batch %d %s%s",
-             plan.model_dir, plan.rows, ("in memory" if plan.local else "in each worker's memory") if plan.in_memory else "streamed by Ray Data",
-             plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
-             "in this process (Ray Train's local mode)" if plan.local else f"on {cfg.train.num_workers} worker(s)",
+             plan.model_dir, plan.rows, split, plan.total_steps, plan.steps_per_epoch, cfg.train.batch_size,
+             "in this process (Ray Train's local mode)" if local else f"on {cfg.train.num_workers} worker(s)",
              f"; checkpoints up to step {latest[1]['step']} in storage" if latest else "")
-    if plan.local:
+    if local:
         plan = plan.model_copy(update={"resume_from": latest[0] if latest else None})
         result = _fit_locally(cfg, plan)
     else:
