@@ -1,6 +1,7 @@
 """On one NVIDIA GPU: embed, search and train, each against its bare library, as ratios.
 
-    python benchmarks/gpu.py [--pairs 4096] [--rows 200000] [--train-rows 65536] [--repeats 3]
+    python benchmarks/gpu.py [--parts embed,search,train] [--pairs 4096] [--rows 200000]
+                             [--train-rows 65536] [--repeats 3]
 
 - embed: `reco embed` end to end (ViT-B-32, a seeded random init: no weights are needed
   for speed; fp16 autocast, one replica on the GPU) against the bare open_clip forward
@@ -8,11 +9,13 @@
   (benchmarks/embed.py's bare forward);
 - search: the same built index searched by `MemoryIndex` on the GPU (faiss-gpu) against
   on the CPU (faiss), same queries, k and nprobe: a speed-up, not an overhead;
-- train: `reco train` (one Ray Train worker on the GPU, bf16 autocast) steady-state
-  steps/s against a bare PyTorch loop on the GPU (benchmarks/train.py's loop).
+- train: `reco train` on the GPU (bf16 autocast), in local mode (`train.num_workers: 0`)
+  and with one Ray Train worker, steps/s against a bare PyTorch loop on the GPU
+  (benchmarks/train.py's loop), steady state and end to end.
 
-It stops with a message when torch sees no CUDA device or faiss has no GPU support.
-The last line holds the three ratios.
+It stops with a message when torch sees no CUDA device. The search part needs faiss
+with GPU support; where faiss has none, it is reported as not run, and the rest runs.
+The last line holds the ratios.
 """
 
 from __future__ import annotations
@@ -26,45 +29,61 @@ from common import load, median, parser
 import torch  # noqa: E402
 
 
+PARTS = ("embed", "search", "train")
+
+
 def require_gpu() -> None:
     """Stop with a clear message where this benchmark cannot run."""
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py needs an NVIDIA GPU with CUDA: torch.cuda.is_available() is False "
                  "here. Run it on a GPU machine (see docs/gpu.md); the CPU benchmarks are "
                  "benchmarks/embed.py, index.py and train.py.")
-    from reco.search import gpu_available
-
-    if not gpu_available():
-        sys.exit("benchmarks/gpu.py needs faiss with GPU support: install the gpu extra "
-                 "(pip install -e \".[gpu]\", docs/gpu.md).")
 
 
-def embed_ratio(pairs: int, batch_size: int, repeats: int) -> float:
+def embed_ratio(pairs: int, batch_size: int, repeats: int, device: str) -> str:
     """`reco embed` end to end over the bare fp16 forward, pairs/s over pairs/s."""
     from embed import bare_forward, bare_inputs, write_corpus
 
     from pipeline.embed import embed
     from reco.config import config_from_dict
+    from reco.encode import replica_resources
     from reco.models import load_clip
 
     root = tempfile.mkdtemp(prefix="reco-bench-gpu-embed-")
     samples = write_corpus(root, pairs, shard_size=1024, image_size=256)
-    base = {"model": {"name": "ViT-B-32"}, "embed": {"input": f"{root}/corpus", "batch_size": batch_size}}
-    clip = load_clip(config_from_dict({"workdir": root, **base}).model, device="cuda")
+    cfg = config_from_dict({"workdir": root, "model": {"name": "ViT-B-32"},
+                            "embed": {"input": f"{root}/corpus", "batch_size": batch_size}})
+    clip = load_clip(cfg.model, device=device)
     images, tokens = bare_inputs(clip, samples)
-    bare_forward(clip, images[:batch_size], tokens[:batch_size], batch_size, "cuda")  # CUDA context, kernels
-    ours, bare = [], []
+    bare_forward(clip, images[:batch_size], tokens[:batch_size], batch_size, device)  # CUDA context, kernels
+    ours, shards, forward, bare = [], [], [], []
     for r in range(repeats):
         start = time.perf_counter()
-        assert embed(config_from_dict({"workdir": f"{root}/work-{r}", **base})).total_rows == pairs
+        manifest = embed(cfg.model_copy(update={"workdir": f"{root}/work-{r}"}))
         ours.append(time.perf_counter() - start)
-        bare.append(bare_forward(clip, images, tokens, batch_size, "cuda"))
-        print(f"  embed repeat {r}: reco {pairs / ours[-1]:.0f} pairs/s, bare {pairs / bare[-1]:.0f} ({load()})")
-    return median(bare) / median(ours)
+        assert manifest.total_rows == pairs
+        replicas = replica_resources(cfg, len(manifest.inputs)).actors
+        # The replicas' time in the shards (read, decode, forward) and in the forward alone
+        # (side by side, each on its share), to say where the end-to-end time goes.
+        forward.append(sum(i.seconds["forward"] for i in manifest.inputs) / replicas)
+        shards.append(forward[-1] + sum(i.seconds["read_decode_wait"] for i in manifest.inputs) / replicas)
+        bare.append(bare_forward(clip, images, tokens, batch_size, device))
+        print(f"  embed repeat {r}: reco {pairs / ours[-1]:.0f} pairs/s end to end, {pairs / shards[-1]:.0f} "
+              f"within shards, {pairs / forward[-1]:.0f} in its forward; bare forward {pairs / bare[-1]:.0f} "
+              f"({load()})", flush=True)
+    print(f"  embed medians: reco {pairs / median(ours):.0f} pairs/s end to end, {pairs / median(shards):.0f} "
+          f"within shards, {pairs / median(forward):.0f} in its forward; bare forward {pairs / median(bare):.0f}")
+    return (f"embed {median(bare) / median(ours):.2f} of the bare fp16 forward end to end, "
+            f"{median(bare) / median(shards):.2f} within shards, {median(bare) / median(forward):.2f} in the forward")
 
 
-def search_ratio(rows: int, queries: int, repeats: int) -> float:
+def search_ratio(rows: int, queries: int, repeats: int, device: str) -> str:
     """Queries/s of the index on the GPU over the same index on the CPU."""
+    from reco.search import gpu_available
+
+    if device == "cuda" and not gpu_available():
+        print("  search: not run: this faiss has no GPU support (install the gpu extra, docs/gpu.md)")
+        return "search not run (faiss without GPU support)"
     from indexing.build import build_index
     from reco.config import config_from_dict
     from reco.contracts import MEMORY_DIR, write_memory
@@ -78,20 +97,21 @@ def search_ratio(rows: int, queries: int, repeats: int) -> float:
     build_index(cfg)
     q = clustered_embeddings(queries, 512, seed=1, clusters=1000, spread=0.6)[0]
     seconds = {}
-    for device, use_gpu in (("cpu", False), ("gpu", True)):
+    for side, use_gpu in (("cpu", False), ("gpu", device == "cuda")):
         memory = MemoryIndex.open(root, use_gpu=use_gpu)
         memory.search(q[:256], 10, "image")  # warm-up (GPU copies, kernels)
-        seconds[device] = []
+        seconds[side] = []
         for _ in range(repeats):
             start = time.perf_counter()
             memory.search(q, 10, "image")
-            seconds[device].append(time.perf_counter() - start)
-        print(f"  search on {device}: {queries / median(seconds[device]):.0f} queries/s ({load()})")
-    return median(seconds["cpu"]) / median(seconds["gpu"])
+            seconds[side].append(time.perf_counter() - start)
+        print(f"  search on {side}: {queries / median(seconds[side]):.0f} queries/s ({load()})", flush=True)
+    return f"faiss-gpu search {median(seconds['cpu']) / median(seconds['gpu']):.1f}x CPU search"
 
 
-def train_ratio(rows: int, repeats: int) -> float:
-    """`reco train` steady-state steps/s over a bare loop's, both on the GPU."""
+def train_ratio(rows: int, repeats: int, device: str) -> str:
+    """`reco train` steps/s over a bare loop's, all on the GPU: local mode and one Ray
+    Train worker, steady state and end to end."""
     from train import bare_loop, ours
 
     from reco import storage
@@ -101,32 +121,47 @@ def train_ratio(rows: int, repeats: int) -> float:
 
     root = tempfile.mkdtemp(prefix="reco-bench-gpu-train-")
     write_split(root, synthetic_split(rows, 512, 10), shards=8)
-    cfg = config_from_dict({"workdir": root, "train": {"use_gpu": True, "batch_size": 1024, "epochs": 2,
-                                                        "checkpoint_every": 10**6, "log_every": 1}})
+    train = {"use_gpu": device == "cuda", "batch_size": 1024, "epochs": 2, "checkpoint_every": 10**6,
+             "log_every": 1}
+    sides = {"local": config_from_dict({"workdir": root, "train": {**train, "num_workers": 0}}),
+             "ray": config_from_dict({"workdir": root, "train": train})}
     init_ray()
-    bare, reco = [], []
+    results = {"bare": [], "local": [], "ray": []}
     for r in range(repeats):
-        bare.append(bare_loop(cfg, storage.join(root, "neighbors", "train"), "cuda")[1])
-        reco.append(ours(cfg)[1])
-        print(f"  train repeat {r}: reco {1 / reco[-1]:.1f} steps/s, bare {1 / bare[-1]:.1f} ({load()})")
-    return median(bare) / median(reco)
+        results["bare"].append(bare_loop(sides["ray"], storage.join(root, "neighbors", "train"), device))
+        for name, cfg in sides.items():
+            results[name].append(ours(cfg))
+        print(f"  train repeat {r}: " + ", ".join(
+            f"{name} {1 / runs[-1][1]:.1f} steps/s ({runs[-1][0]:.1f} s)" for name, runs in results.items())
+            + f" ({load()})", flush=True)
+    med = {name: [median(run[i] for run in runs) for i in (0, 1)] for name, runs in results.items()}
+    return (f"train steady state {med['bare'][1] / med['local'][1]:.2f} (local mode), "
+            f"{med['bare'][1] / med['ray'][1]:.2f} (1 Ray Train worker) of a bare loop's steps/s; "
+            f"end to end {med['bare'][0] / med['local'][0]:.2f}, {med['bare'][0] / med['ray'][0]:.2f}")
 
 
 def main() -> None:
     p = parser(__doc__)
+    p.add_argument("--parts", default=",".join(PARTS), help="which of embed,search,train to run")
     p.add_argument("--pairs", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rows", type=int, default=200_000, help="memory rows for the search")
     p.add_argument("--queries", type=int, default=20_000)
     p.add_argument("--train-rows", type=int, default=65_536)
     args = p.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        sys.exit(f"--parts: unknown {sorted(unknown)}; choose from {', '.join(PARTS)}")
     require_gpu()
     print(f"{torch.cuda.get_device_name(0)}, {load()}")
-    embed = embed_ratio(args.pairs, args.batch_size, args.repeats)
-    search = search_ratio(args.rows, args.queries, args.repeats)
-    train = train_ratio(args.train_rows, args.repeats)
-    print(f"gpu: embed {embed:.2f} of the bare fp16 forward; faiss-gpu search {search:.1f}x CPU search; "
-          f"train {train:.2f} of a bare loop's steps/s")
+    results = []
+    if "embed" in parts:
+        results.append(embed_ratio(args.pairs, args.batch_size, args.repeats, "cuda"))
+    if "search" in parts:
+        results.append(search_ratio(args.rows, args.queries, args.repeats, "cuda"))
+    if "train" in parts:
+        results.append(train_ratio(args.train_rows, args.repeats, "cuda"))
+    print("gpu: " + "; ".join(results))
 
 
 if __name__ == "__main__":

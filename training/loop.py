@@ -116,10 +116,18 @@ class SplitInMemory:
     (`train.in_memory_gb`): an epoch is then a permutation of row indices, not a pass of
     the shards through Ray Data."""
 
-    def __init__(self, urls: list[str], columns: list[str], k: int, fuse: Fuse):
+    def __init__(self, urls: list[str], columns: list[str], k: int, fuse: Fuse,
+                 device: torch.device = torch.device("cpu")):
         table = pa.concat_tables(storage.read_parquet(url, columns) for url in urls)
         self.tensors = batch_tensors(table, k, fuse, torch.device("cpu"))
         self.ids = table["id"].to_numpy()
+        if device.type == "cuda" and self.nbytes() <= torch.cuda.mem_get_info(device)[0] / 2:
+            # In the GPU's memory where it takes at most half of what is free: a step then
+            # gathers its batch there, where copying it from the host would cost more than the step.
+            self.tensors = {name: t.to(device) for name, t in self.tensors.items()}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def order(self, epoch: int, seed: int, shuffle: bool) -> torch.Tensor:
         """The epoch's row order: the same on every worker (each takes its slice of every
@@ -285,7 +293,7 @@ class Trainer:
         """Train to the last step; returns the last step's metrics, or {"error": message}
         for a non-finite loss, which every worker meets at the same step (the loss is the
         global batch's): the run stops there instead of being retried into the same NaN."""
-        split = (SplitInMemory(self.plan.urls, self.plan.columns, self.plan.k, self.cfg.train.fuse)
+        split = (SplitInMemory(self.plan.urls, self.plan.columns, self.plan.k, self.cfg.train.fuse, self.device)
                  if self.plan.in_memory else None)
         while self.step < self.plan.total_steps:
             epoch, skip = divmod(self.step, self.plan.steps_per_epoch)
@@ -306,7 +314,7 @@ class Trainer:
         order = split.order(epoch, self.cfg.seed, self.cfg.train.shuffle)
         for index in range(skip, self.plan.steps_per_epoch):
             rows = split.worker_rows(order, index, self.cfg.train.batch_size, self.rank, self.world)
-            yield ({name: t[rows].to(self.device, non_blocking=True) for name, t in split.tensors.items()},
+            yield ({name: t[rows.to(t.device)].to(self.device, non_blocking=True) for name, t in split.tensors.items()},
                    split.ids[rows.numpy()])
 
     def _streamed(self, epoch: int, skip: int):
