@@ -49,13 +49,17 @@ DOC = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "performance.png"
 BEGIN, END = "<!-- scaling:begin (benchmarks/scaling.py --write-docs) -->", "<!-- scaling:end -->"
 
-# 1B pairs on 8 nodes x 8 GPUs. Per-GPU rates we have not measured (no GPU was lent to
-# these runs) come from the libraries' own published figures; each says where from.
+# 1B pairs on 8 nodes x 8 GPUs. Per-GPU rates: measured by benchmarks/gpu.py on one H200
+# where we have them, else the libraries' own published figures; each says where from.
 TARGET_PAIRS, NODES_AT_SCALE, GPUS_PER_NODE = 10**9, 8, 8
-PUBLISHED_PER_GPU = {
-    "embed": (1500.0, "clip-retrieval README: `clip inference` at 1500 samples/s on one RTX 3080 (ViT-B/32)"),
+PER_GPU = {
+    "embed": (540.0, "measured: benchmarks/gpu.py on one H200 with 16 CPUs, `reco embed` within shards "
+              "(ViT-B-32, fp16; start-up left out, as 1B pairs amortise it), far under the bare "
+              "forward's 5,714 (docs/performance.md, GPU)"),
     "neighbors": (1e9 / (12 * 3600 * 4) / 2, "Johnson et al. 2017 (faiss GPU paper): a 10-NN graph of 1B "
                   "vectors in < 12 h on 4 Titan X; halved, as a pair searches both modalities"),
+    "train": (66_500.0, "measured: benchmarks/gpu.py on one H200, one Ray Train worker at steady state "
+              "(d=512, k=10, batch 1024); 64 GPUs in DDP assumed linear, not measured"),
 }
 
 
@@ -185,12 +189,13 @@ def flatness(rows: list[dict]) -> str:
 
 def projection(rows: list[dict]) -> str:
     """Hours for 1B pairs on 8 nodes x 8 GPUs per stage, from per-GPU rates where known
-    (published), else from this run's one-node rate at its largest size, per node."""
+    (measured on a GPU, or published), else from this run's one-node rate at its largest
+    size, per node."""
     gpus = NODES_AT_SCALE * GPUS_PER_NODE
     lines = ["| stage | rate used | source | hours for 1B pairs on 8 x 8 GPUs |", "|---|---|---|---|"]
     for stage in sorted({r["stage"] for r in rows}, key=STAGES.index):
-        if stage in PUBLISHED_PER_GPU:
-            rate, source = PUBLISHED_PER_GPU[stage]
+        if stage in PER_GPU:
+            rate, source = PER_GPU[stage]
             total = rate * gpus
             used = f"{rate:,.0f} pairs/s per GPU x {gpus}"
         else:
