@@ -94,10 +94,12 @@ def register_model_configs(cfg: ModelConfig | None = None) -> ModuleType:
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     if cfg is not None and cfg.config is not None:
-        # open_clip names a registered config after its file's stem.
-        folder = Path(tempfile.mkdtemp(prefix="reco-model-config-"))
-        (folder / f"{cfg.name}.json").write_text(json.dumps(_read_config_file(cfg.config)))
-        open_clip.add_model_config(folder)
+        with tempfile.TemporaryDirectory(prefix="reco-model-config-") as folder:
+            # open_clip names a registered config after its file's stem, and reads the file
+            # as it registers it: the file can go at once (its later rescans skip it).
+            path = Path(folder) / f"{cfg.name}.json"
+            path.write_text(json.dumps(_read_config_file(cfg.config)))
+            open_clip.add_model_config(path)
     return open_clip
 
 

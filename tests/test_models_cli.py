@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 
 import open_clip
 import pytest
@@ -15,16 +16,26 @@ from reco.config import ConfigError, ModelConfig
 from reco.models import MODEL_CONFIG_DIR, ModelLoadError, architecture, load_clip
 
 
-def test_custom_model_config_json(tmp_path):
+def test_custom_model_config_json(tmp_path, monkeypatch):
     arch = json.loads((MODEL_CONFIG_DIR / "reco-tiny.json").read_text())
     arch["embed_dim"] = 32
     path = tmp_path / "arch.json"
     path.write_text(json.dumps(arch))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     clip = load_clip(ModelConfig(name="my-arch", config=str(path)))
     assert clip.embed_dim == 32
     with torch.no_grad():
         out = clip.model.encode_text(clip.tokenizer(["a photo of a ronlo"]))
     assert out.shape == (1, 32)
+    assert list(temp.iterdir()) == []  # the config's registration leaves no file behind
+    # Registered once, it stays: a second architecture registered later does not drop it.
+    arch["embed_dim"] = 16
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(arch))
+    assert load_clip(ModelConfig(name="my-other-arch", config=str(other))).embed_dim == 16
+    assert open_clip.get_model_config("my-arch")["embed_dim"] == 32
 
 
 def test_bad_model_config_json(tmp_path):
