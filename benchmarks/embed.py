@@ -48,6 +48,12 @@ def bare_forward(clip, images: torch.Tensor, tokens: torch.Tensor, batch_size: i
     return time.perf_counter() - start
 
 
+def replica_seconds(manifest, replicas: int, *phases: str) -> float:
+    """Seconds the replicas spent in `phases` of their shards (`read_decode_wait`,
+    `forward`), side by side, each on its share."""
+    return sum(i.seconds[phase] for i in manifest.inputs for phase in phases) / replicas
+
+
 def write_corpus(root: str, pairs: int, shard_size: int, image_size: int) -> list[synthetic.Sample]:
     """The drawn pairs, also written as webdataset shards under `root/corpus`."""
     samples = list(synthetic.make_samples(pairs, seed=0, image_size=image_size))
@@ -97,7 +103,7 @@ def main() -> None:
         # Steady state: the replicas' time on the shards (read, decode, forward), without
         # starting them (a fresh process imports torch and builds the model) or Ray. The
         # replicas run side by side, each on its share of the shards (equal shards here).
-        in_shards = sum(i.seconds["read_decode_wait"] + i.seconds["forward"] for i in manifest.inputs) / replicas
+        in_shards = replica_seconds(manifest, replicas, "read_decode_wait", "forward")
         ours_rates.append(args.pairs / ours)
         steady_rates.append(args.pairs / in_shards)
         bare_rates.append(args.pairs / bare)

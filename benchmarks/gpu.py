@@ -44,7 +44,7 @@ def require_gpu() -> None:
 
 def embed_ratio(pairs: int, batch_size: int, repeats: int, device: str) -> str:
     """`reco embed` end to end over the bare fp16 forward, pairs/s over pairs/s."""
-    from embed import bare_forward, bare_inputs, write_corpus
+    from embed import bare_forward, bare_inputs, replica_seconds, write_corpus
 
     from pipeline.embed import embed
     from reco.config import config_from_dict
@@ -65,10 +65,10 @@ def embed_ratio(pairs: int, batch_size: int, repeats: int, device: str) -> str:
         ours.append(time.perf_counter() - start)
         assert manifest.total_rows == pairs
         replicas = replica_resources(cfg, len(manifest.inputs)).actors
-        # The replicas' time in the shards (read, decode, forward) and in the forward alone
-        # (side by side, each on its share), to say where the end-to-end time goes.
-        forward.append(sum(i.seconds["forward"] for i in manifest.inputs) / replicas)
-        shards.append(forward[-1] + sum(i.seconds["read_decode_wait"] for i in manifest.inputs) / replicas)
+        # The replicas' time in the shards (read, decode, forward) and in the forward alone,
+        # to say where the end-to-end time goes.
+        forward.append(replica_seconds(manifest, replicas, "forward"))
+        shards.append(replica_seconds(manifest, replicas, "read_decode_wait", "forward"))
         bare.append(bare_forward(clip, images, tokens, batch_size, device))
         print(f"  embed repeat {r}: reco {pairs / ours[-1]:.0f} pairs/s end to end, {pairs / shards[-1]:.0f} "
               f"within shards, {pairs / forward[-1]:.0f} in its forward; bare forward {pairs / bare[-1]:.0f} "

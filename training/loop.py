@@ -121,13 +121,20 @@ class SplitInMemory:
         table = pa.concat_tables(storage.read_parquet(url, columns) for url in urls)
         self.tensors = batch_tensors(table, k, fuse, torch.device("cpu"))
         self.ids = table["id"].to_numpy()
+        self.device = torch.device("cpu")
         if device.type == "cuda" and self.nbytes() <= torch.cuda.mem_get_info(device)[0] / 2:
             # In the GPU's memory where it takes at most half of what is free: a step then
             # gathers its batch there, where copying it from the host would cost more than the step.
             self.tensors = {name: t.to(device) for name, t in self.tensors.items()}
+            self.device = device
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def gather(self, rows: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The tensors of `rows`, gathered where the split lives, on `device`."""
+        rows = rows.to(self.device)
+        return {name: t[rows].to(device, non_blocking=True) for name, t in self.tensors.items()}
 
     def order(self, epoch: int, seed: int, shuffle: bool) -> torch.Tensor:
         """The epoch's row order: the same on every worker (each takes its slice of every
@@ -314,8 +321,7 @@ class Trainer:
         order = split.order(epoch, self.cfg.seed, self.cfg.train.shuffle)
         for index in range(skip, self.plan.steps_per_epoch):
             rows = split.worker_rows(order, index, self.cfg.train.batch_size, self.rank, self.world)
-            yield ({name: t[rows.to(t.device)].to(self.device, non_blocking=True) for name, t in split.tensors.items()},
-                   split.ids[rows.numpy()])
+            yield split.gather(rows, self.device), split.ids[rows.numpy()]
 
     def _streamed(self, epoch: int, skip: int):
         """(tensors, ids) of the batches after `skip` of this worker's Ray Data split."""
