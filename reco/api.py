@@ -35,7 +35,7 @@ from reco.contracts import (FUSION_META, MEMORY_DIR, MODALITIES, IndexManifest, 
                             fusion_model_dir, index_folder)
 from reco.errors import RecoError
 from reco.fusion import RecoFusion, load_fusion, refine
-from reco.models import Clip, embed_dim, load_clip
+from reco.models import Clip, embed_dim, encode_text, load_clip
 from reco.search import MemoryIndex, near_duplicate_ids, neighbour_embeddings
 
 ImageInput = Union[Image.Image, bytes, str, os.PathLike]
@@ -207,7 +207,7 @@ class Reco:
         parts = []
         for i in range(0, len(texts), self.batch_size):
             tokens = self.clip.tokenizer(texts[i:i + self.batch_size]).to(self.device)
-            parts.append(self.clip.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+            parts.append(encode_text(self.clip.model, tokens).float().cpu().numpy())
         return np.concatenate(parts)
 
     # -- refinement ------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import InputShardStats, MemoryManifest, MemoryShard, SkipStats, embedding_array, memory_schema
 from reco.malloc import keep_freed_memory
-from reco.models import embed_dim, load_clip, validate_model_config
+from reco.models import embed_dim, encode_text, load_clip, validate_model_config
 from reco.shard_jobs import ActorResources, ShardActor, actor_resources, find_finished, run_shard_jobs
 from reco.tars import TarSample, TruncatedShard, iter_tar_samples
 
@@ -138,7 +138,7 @@ class ShardEmbedder(ShardActor):
         tokens = self.clip.tokenizer(captions).to(self.device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device == "cuda"):
             img = self.clip.model.encode_image(pixels, normalize=True)
-            txt = self.clip.model.encode_text(tokens, normalize=True)
+            txt = encode_text(self.clip.model, tokens)
         return img.float().cpu().numpy(), txt.float().cpu().numpy()
 
     def process(self, source: str) -> InputShardStats:
@@ -331,5 +331,5 @@ def encode_texts(cfg_json: str, texts: list[str], batch_size: int) -> np.ndarray
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             tokens = clip.tokenizer(texts[i:i + batch_size]).to(device)
-            parts.append(clip.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+            parts.append(encode_text(clip.model, tokens).float().cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros((0, clip.embed_dim), np.float32)

@@ -54,6 +54,40 @@ class Clip:
     embed_dim: int
 
 
+def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Unit text embeddings, as `model.encode_text(tokens, normalize=True)` gives them, but
+    without the padding after the batch's longest caption where the text tower is CLIP's.
+
+    The tokenizer pads every caption to the context length (77); captions are mostly far
+    shorter, so most of the text tower's work is on padding. In CLIP's tower attention is
+    causal and the end token's features are pooled: no position after a caption's end
+    token reaches its embedding, so cutting those positions leaves every embedding as it
+    was, to float rounding (tests/test_models_cli.py checks that against open_clip's).
+    """
+    if not (_pools_causal_end_token(model) and len(tokens)):
+        return model.encode_text(tokens, normalize=True)
+    n = int(tokens.argmax(dim=-1).max()) + 1  # the end token has the vocabulary's highest id
+    tokens = tokens[:, :n]
+    # open_clip's CLIP.encode_text, its positional embedding and causal mask cut to n.
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    x = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]
+    projection = model.text_projection
+    x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def _pools_causal_end_token(model: torch.nn.Module) -> bool:
+    """Whether `model`'s text tower is CLIP's: causal attention, the end token's features pooled.
+    Others (SigLIP's last-token pooling, CoCa's appended class token, Hugging Face text towers)
+    see the padding, so their text is encoded at full length."""
+    import open_clip
+
+    return (type(model) is open_clip.CLIP and model.attn_mask is not None
+            and model.text_pool_type == "argmax")
+
+
 def _open_clip_config_dir() -> Path:
     """open_clip's own architectures, found without importing the package."""
     return Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"

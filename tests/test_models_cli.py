@@ -13,7 +13,7 @@ import torch
 
 from reco.cli import main
 from reco.config import ConfigError, ModelConfig
-from reco.models import MODEL_CONFIG_DIR, ModelLoadError, architecture, load_clip
+from reco.models import MODEL_CONFIG_DIR, ModelLoadError, architecture, encode_text, load_clip
 
 
 def test_custom_model_config_json(tmp_path, monkeypatch):
@@ -36,6 +36,40 @@ def test_custom_model_config_json(tmp_path, monkeypatch):
     other.write_text(json.dumps(arch))
     assert load_clip(ModelConfig(name="my-other-arch", config=str(other))).embed_dim == 16
     assert open_clip.get_model_config("my-arch")["embed_dim"] == 32
+
+
+CAPTIONS = ["a car", "a photo of a red sports car parked by the sea at dusk",
+            " ".join(["a very long caption"] * 30)]  # past the context length: cut by the tokenizer
+
+
+@pytest.mark.parametrize("name, text_cfg, trimmed", [
+    ("reco-tiny", {}, True),  # context 16
+    ("ViT-S-32", {}, True),  # context 77, as the paper's models
+    # Bidirectional attention, last token pooled (SigLIP's kind): padding changes every embedding.
+    ("no-causal-mask", {"no_causal_mask": True, "pool_type": "last"}, False),
+])
+def test_text_encoded_without_padding_equals_open_clip(tmp_path, name, text_cfg, trimmed):
+    cfg = ModelConfig(name=name)
+    if text_cfg:
+        arch = json.loads((MODEL_CONFIG_DIR / "reco-tiny.json").read_text())
+        arch["text_cfg"].update(text_cfg)
+        (tmp_path / "arch.json").write_text(json.dumps(arch))
+        cfg = ModelConfig(name=name, config=str(tmp_path / "arch.json"))
+    clip = load_clip(cfg)
+    widths, longest = [], []
+    handle = clip.model.transformer.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[1]))
+    with torch.inference_mode():
+        for captions in (CAPTIONS[:1], CAPTIONS[:2], CAPTIONS):
+            tokens = clip.tokenizer(captions)
+            longest.append(int((tokens != 0).sum(dim=1).max()))  # start, words, end; 0 pads
+            ours = encode_text(clip.model, tokens)
+            theirs = clip.model.encode_text(tokens, normalize=True)
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    handle.remove()
+    context = tokens.shape[1]
+    assert longest[0] < longest[1] < longest[2] == context
+    # The tower ran on the longest caption's tokens only where that cannot change the result.
+    assert widths[::2] == (longest if trimmed else [context] * 3)
 
 
 def test_bad_model_config_json(tmp_path):
