@@ -66,13 +66,13 @@ def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """
     if not (_pools_causal_end_token(model) and len(tokens)):
         return model.encode_text(tokens, normalize=True)
-    n = int(tokens.argmax(dim=-1).max()) + 1  # the end token has the vocabulary's highest id
-    tokens = tokens[:, :n]
+    end = tokens.argmax(dim=-1)  # each caption's end token: the vocabulary's highest id
+    n = int(end.max()) + 1
     # open_clip's CLIP.encode_text, its positional embedding and causal mask cut to n.
     cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    x = model.token_embedding(tokens[:, :n]).to(cast) + model.positional_embedding[:n].to(cast)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
-    x = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]
+    x = x[torch.arange(len(x), device=x.device), end]
     projection = model.text_projection
     x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
     return torch.nn.functional.normalize(x, dim=-1)
