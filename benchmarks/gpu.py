@@ -4,7 +4,8 @@
                              [--train-rows 65536] [--repeats 3] [--device cuda]
 
 - embed: `reco embed` end to end (ViT-B-32, a seeded random init: no weights are needed
-  for speed; fp16 autocast, one replica on the GPU) against the bare open_clip forward
+  for speed; fp16 autocast, one replica on the GPU, decoding in one process per CPU it
+  reserves: `--replica-cpus 8,16` compares replicas of 8 and 16 CPUs) against the bare open_clip forward
   on the same pairs already decoded and preprocessed, the same fp16 autocast and batch
   (benchmarks/embed.py's bare forward);
 - search: the same built index searched by `MemoryIndex` on the GPU (faiss-gpu) against
@@ -42,8 +43,9 @@ def require_gpu() -> None:
                  "benchmarks/embed.py, index.py and train.py.")
 
 
-def embed_ratio(pairs: int, batch_size: int, repeats: int, device: str) -> str:
-    """`reco embed` end to end over the bare fp16 forward, pairs/s over pairs/s."""
+def embed_ratio(pairs: int, batch_size: int, repeats: int, device: str, replica_cpus: list[int | None]) -> str:
+    """`reco embed` end to end over the bare fp16 forward, pairs/s over pairs/s, for each
+    of `replica_cpus` (CPUs, so decoding processes, of the replica; None: the default)."""
     from embed import bare_forward, bare_inputs, replica_seconds, write_corpus
 
     from pipeline.embed import embed
@@ -53,34 +55,47 @@ def embed_ratio(pairs: int, batch_size: int, repeats: int, device: str) -> str:
 
     root = tempfile.mkdtemp(prefix="reco-bench-gpu-embed-")
     samples = write_corpus(root, pairs, shard_size=1024, image_size=256)
-    cfg = config_from_dict({"workdir": root, "model": {"name": "ViT-B-32"},
-                            "embed": {"input": f"{root}/corpus", "batch_size": batch_size}})
-    clip = load_clip(cfg.model, device=device)
+    cfgs = {cpus: config_from_dict({"workdir": root, "model": {"name": "ViT-B-32"},
+                                    "embed": {"input": f"{root}/corpus", "batch_size": batch_size,
+                                              "cpus_per_actor": cpus}})
+            for cpus in replica_cpus}
+    clip = load_clip(cfgs[replica_cpus[0]].model, device=device)
     images, tokens = bare_inputs(clip, samples)
     bare_forward(clip, images[:batch_size], tokens[:batch_size], batch_size, device)  # CUDA context, kernels
-    ours, shards, forward, bare, cut = [], [], [], [], []
+    runs = {cpus: {"ours": [], "shards": [], "forward": []} for cpus in replica_cpus}
+    bare, cut = [], []
     for r in range(repeats):
-        start = time.perf_counter()
-        manifest = embed(cfg.model_copy(update={"workdir": f"{root}/work-{r}"}))
-        ours.append(time.perf_counter() - start)
-        assert manifest.total_rows == pairs
-        replicas = replica_resources(cfg, len(manifest.inputs)).actors
-        # The replicas' time in the shards (read, decode, forward) and in the forward alone,
-        # to say where the end-to-end time goes.
-        forward.append(replica_seconds(manifest, replicas, "forward"))
-        shards.append(replica_seconds(manifest, replicas, "read_decode_wait", "forward"))
+        for cpus, cfg in cfgs.items():
+            start = time.perf_counter()
+            manifest = embed(cfg.model_copy(update={"workdir": f"{root}/work-{cpus}-{r}"}))
+            seconds = time.perf_counter() - start
+            assert manifest.total_rows == pairs
+            resources = replica_resources(cfg, len(manifest.inputs))
+            # The replicas' time in the shards (read, decode, forward) and in the forward alone,
+            # to say where the end-to-end time goes.
+            run = runs[cpus]
+            run["ours"].append(seconds)
+            run["forward"].append(replica_seconds(manifest, resources.actors, "forward"))
+            run["shards"].append(replica_seconds(manifest, resources.actors, "read_decode_wait", "forward"))
+            print(f"  embed repeat {r}, replica of {resources.cpus:g} CPUs: reco {pairs / seconds:.0f} pairs/s end "
+                  f"to end, {pairs / run['shards'][-1]:.0f} within shards, {pairs / run['forward'][-1]:.0f} in its "
+                  f"forward ({load()})", flush=True)
         bare.append(bare_forward(clip, images, tokens, batch_size, device))
         cut.append(bare_forward(clip, images, tokens, batch_size, device, cut_padding=True))
-        print(f"  embed repeat {r}: reco {pairs / ours[-1]:.0f} pairs/s end to end, {pairs / shards[-1]:.0f} "
-              f"within shards, {pairs / forward[-1]:.0f} in its forward; bare forward {pairs / bare[-1]:.0f}, "
-              f"{pairs / cut[-1]:.0f} with the text padding cut as reco's ({load()})", flush=True)
-    print(f"  embed medians: reco {pairs / median(ours):.0f} pairs/s end to end, {pairs / median(shards):.0f} "
-          f"within shards, {pairs / median(forward):.0f} in its forward; bare forward {pairs / median(bare):.0f}, "
-          f"{pairs / median(cut):.0f} with the padding cut")
-    ratios = {side: [median(s) / median(t) for t in (ours, shards, forward)]
-              for side, s in (("bare", bare), ("cut", cut))}
-    return ("embed {:.2f} of the bare fp16 forward end to end, {:.2f} within shards, {:.2f} in the forward "
-            "({:.2f}, {:.2f}, {:.2f} of it with the padding cut)".format(*ratios["bare"], *ratios["cut"]))
+        print(f"  embed repeat {r}: bare forward {pairs / bare[-1]:.0f} pairs/s, {pairs / cut[-1]:.0f} with the "
+              f"text padding cut as reco's ({load()})", flush=True)
+    results = []
+    for cpus, run in runs.items():
+        ours, shards, forward = (median(run[k]) for k in ("ours", "shards", "forward"))
+        name = f"{cpus} CPUs" if cpus else "default CPUs"
+        print(f"  embed medians, replica of {name}: reco {pairs / ours:.0f} pairs/s end to end, "
+              f"{pairs / shards:.0f} within shards, {pairs / forward:.0f} in its forward")
+        results.append("embed ({}) {:.2f} of the bare fp16 forward end to end, {:.2f} within shards, {:.2f} in "
+                       "the forward ({:.2f}, {:.2f}, {:.2f} of it with the padding cut)".format(
+                           name, *(median(b) / t for b in (bare, cut) for t in (ours, shards, forward))))
+    print(f"  embed medians: bare forward {pairs / median(bare):.0f} pairs/s, {pairs / median(cut):.0f} with the "
+          "padding cut")
+    return "; ".join(results)
 
 
 def search_ratio(rows: int, queries: int, repeats: int, device: str) -> str:
@@ -153,6 +168,9 @@ def main() -> None:
     p.add_argument("--parts", default=",".join(PARTS), help="which of embed,search,train to run")
     p.add_argument("--pairs", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--replica-cpus", default="default",
+                   help="embed: comma-separated CPUs per replica (each one decoding process) to compare; "
+                        "'default' for embed.cpus_per_actor's default")
     p.add_argument("--rows", type=int, default=200_000, help="memory rows for the search")
     p.add_argument("--queries", type=int, default=20_000)
     p.add_argument("--train-rows", type=int, default=65_536)
@@ -167,7 +185,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU (a check of the script)'}, {load()}")
     results = []
     if "embed" in parts:
-        results.append(embed_ratio(args.pairs, args.batch_size, args.repeats, args.device))
+        replica_cpus = [None if c == "default" else int(c) for c in args.replica_cpus.split(",")]
+        results.append(embed_ratio(args.pairs, args.batch_size, args.repeats, args.device, replica_cpus))
     if "search" in parts:
         results.append(search_ratio(args.rows, args.queries, args.repeats, args.device))
     if "train" in parts:

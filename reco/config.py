@@ -100,10 +100,10 @@ class EmbedConfig(Section):
     the cluster's CPUs divided among the replicas, at most 8 and at most one node's."""
     gpus_per_actor: float | None = Field(None, ge=0)
     """Default 1 on a cluster with GPUs, else 0."""
-    decode_threads: int | None = Field(None, ge=0)
-    """Threads decoding and preprocessing images one batch ahead of the forward pass.
-    Default: the replica's CPUs with a GPU; 0 (decode in line) without, where the forward
-    pass uses every CPU and a thread beside it would stall it."""
+    decode_processes: int | None = Field(None, ge=0)
+    """Worker processes decoding images and tokenizing captions two batches ahead of the
+    forward pass. Default: one per CPU of the replica with a GPU; 0 (decode in line)
+    without, where the forward pass uses every CPU and a process beside it would stall it."""
 
 
 class IndexConfig(Section):

@@ -1,7 +1,9 @@
 """The frozen CLIP over data: webdataset shards -> memory-format Parquet, and texts -> embeddings.
 
-The unit of work is one input shard: a replica of the frozen model (a Ray actor) reads it, decodes and preprocesses images in threads ahead of the forward pass,
-encodes images and captions, and writes one staged Parquet file carrying its stats.
+The unit of work is one input shard: a replica of the frozen model (a Ray actor) reads it,
+decodes its samples (reco/decode.py: in line on CPU, in worker processes ahead of the
+forward pass beside a GPU), encodes images and captions, and writes one staged Parquet
+file carrying its stats.
 Finished staged files are skipped on a re-run. Ids depend on the row counts of all
 earlier shards, so they are assigned once every input is staged: each staged file is
 copied to its `part-NNNNN.parquet` with ids (by driver threads when the parts are few,
@@ -15,9 +17,9 @@ same code, so both sides of every comparison pass through one path.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
@@ -25,12 +27,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from PIL import Image
 
 from reco import storage
 from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig
 from reco.contracts import InputShardStats, MemoryManifest, MemoryShard, SkipStats, embedding_array, memory_schema
+from reco.decode import SampleDecoder
 from reco.malloc import keep_freed_memory
 from reco.models import embed_dim, encode_text, load_clip, validate_model_config
 from reco.shard_jobs import ActorResources, ShardActor, actor_resources, find_finished, run_shard_jobs
@@ -54,88 +56,64 @@ def model_fingerprint(cfg: RecoConfig) -> str:
     return f"{m.name}|{m.pretrained}|{m.config}|{cfg.embed.dtype}|seed={cfg.seed if m.pretrained is None else ''}"
 
 
-def _decode(sample: TarSample, preprocess) -> torch.Tensor | str:
-    """The preprocessed image tensor, or the reason the sample is skipped."""
-    if sample.unsafe_path:
-        return "unsafe member path"
-    if sample.image is None:
-        return "missing image"
-    if sample.caption is None:
-        return "missing caption"
-    if not sample.caption:
-        return "empty caption"
-    try:
-        with Image.open(io.BytesIO(sample.image)) as img:
-            return preprocess(img.convert("RGB"))
-    except Exception as err:  # PIL raises many types for bad bytes; all mean "unreadable"
-        return f"unreadable image ({type(err).__name__})"
-
-
-def _resolved(value: object) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
 class ShardEmbedder(ShardActor):
     """A Ray actor holding one frozen model replica; embeds whole input shards."""
 
-    def __init__(self, cfg_json: str, staging: str, cpus: float, decode_threads: int):
+    def __init__(self, cfg_json: str, staging: str, cpus: float, decode_processes: int):
         self.cfg = RecoConfig.model_validate_json(cfg_json)
         self.staging = staging
         keep_freed_memory()
-        torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        # Decoding processes own the CPUs where there are any; else the forward pass does.
+        torch.set_num_threads(1 if decode_processes else max(1, int(cpus)))
         self.clip = load_clip(self.cfg.model, seed=self.cfg.seed, device=self.device)
-        # On CPU the forward pass owns every core: a decoding thread beside torch's OpenMP
-        # threads stalls them more than decoding in line costs (decode_threads=0).
-        self.pool = ThreadPoolExecutor(decode_threads) if decode_threads > 0 else None
+        self.decoder = SampleDecoder(self.clip.preprocess, self.clip.tokenizer, decode_processes)
 
-    def _batches(self, source: str, stats: InputShardStats) -> Iterator[tuple[list[TarSample], list[torch.Tensor]]]:
-        """Whole batches of decodable samples; decoding runs one batch ahead in threads."""
+    def _batches(self, source: str, stats: InputShardStats) -> Iterator[tuple[list[TarSample], torch.Tensor, torch.Tensor]]:
+        """Whole batches of decodable samples with their pixels and tokens. Worker processes
+        decode batches ahead, so none waits while the replica encodes one."""
         batch_size = self.cfg.embed.batch_size
-        ahead: tuple[list[TarSample], list[Future]] | None = None
+        depth = self.decoder.batches_ahead(batch_size)
+        ahead: deque[tuple[list[TarSample], list[Future]]] = deque()
         raw: list[TarSample] = []
 
-        def collect(pending: tuple[list[TarSample], list[Future]]):
-            samples, futures = pending
-            kept, images = [], []
-            for sample, fut in zip(samples, futures):
-                out = fut.result()
-                if isinstance(out, str):
-                    stats.skipped.add(sample.key, out, source)
-                else:
-                    kept.append(sample)
-                    images.append(out)
-            return kept, images
-
-        def submit(samples: list[TarSample]):
-            if self.pool is None:
-                return samples, [_resolved(_decode(s, self.clip.preprocess)) for s in samples]
-            return samples, [self.pool.submit(_decode, s, self.clip.preprocess) for s in samples]
+        def collect(samples: list[TarSample], futures: list[Future]):
+            kept, pixels, tokens, offset = [], [], [], 0
+            for future in futures:
+                run = self.decoder.result(future, source)
+                for i, reason in run.skipped:
+                    stats.skipped.add(samples[offset + i].key, reason, source)
+                if run.kept:
+                    kept += [samples[offset + i] for i in run.kept]
+                    pixels.append(run.pixels)
+                    tokens.append(run.tokens)
+                offset += len(run.kept) + len(run.skipped)
+            if not kept:
+                return kept, None, None
+            return kept, self.decoder.preprocess.batch(pixels, self.device), torch.cat(tokens)
 
         try:
             for sample in iter_tar_samples(source):
                 stats.samples += 1
                 raw.append(sample)
                 if len(raw) == batch_size:
-                    current, ahead = ahead, submit(raw)
+                    ahead.append((raw, self.decoder.submit(raw, source)))
                     raw = []
-                    if current is not None:
-                        yield collect(current)
+                    if len(ahead) > depth:
+                        yield collect(*ahead.popleft())
         except TruncatedShard as err:
             # The sample it cut; or, for a file with no readable member, the shard as one entry.
             stats.samples += 1
             stats.skipped.add(err.partial_key or "*", err.reason, source)
             log.warning("%s: %s; kept the %d samples before it", source, err, stats.samples - 1)
-        for pending in (ahead, submit(raw) if raw else None):
-            if pending is not None:
-                yield collect(pending)
+        if raw:
+            ahead.append((raw, self.decoder.submit(raw, source)))
+        while ahead:
+            yield collect(*ahead.popleft())
 
     @torch.inference_mode()
-    def _encode(self, images: list[torch.Tensor], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        pixels = torch.stack(images).to(self.device, non_blocking=True)
-        tokens = self.clip.tokenizer(captions).to(self.device, non_blocking=True)
+    def _encode(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        tokens = tokens.to(self.device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device == "cuda"):
             img = self.clip.model.encode_image(pixels, normalize=True)
             txt = encode_text(self.clip.model, tokens)
@@ -145,13 +123,14 @@ class ShardEmbedder(ShardActor):
         """Embed one input shard into a staged Parquet file carrying its stats."""
         stats = InputShardStats(source=source, samples=0, written=0, skipped=SkipStats())
         keys, captions, urls, img_parts, txt_parts = [], [], [], [], []
+        t_start = self.decoder.wait_started()
         t_wait = t_fwd = 0.0
         t = time.perf_counter()
-        for samples, images in self._batches(source, stats):
+        for samples, pixels, tokens in self._batches(source, stats):
             t_wait += time.perf_counter() - t
             t = time.perf_counter()
             if samples:
-                img, txt = self._encode(images, [s.caption for s in samples])
+                img, txt = self._encode(pixels, tokens)
                 img_parts.append(img)
                 txt_parts.append(txt)
                 keys += [s.key for s in samples]
@@ -171,7 +150,8 @@ class ShardEmbedder(ShardActor):
             "text_embedding": embedding_array(np.concatenate(txt_parts) if txt_parts else empty, dtype),
         })
         stats.written = table.num_rows
-        stats.seconds = {"read_decode_wait": round(t_wait, 3), "forward": round(t_fwd, 3)}
+        stats.seconds = {"decoder_start": round(t_start, 3), "read_decode_wait": round(t_wait, 3),
+                         "forward": round(t_fwd, 3)}
         stats.seconds["write"] = round(time.perf_counter() - t, 3)
         table = table.replace_schema_metadata({STATS_KEY: stats.model_dump_json(),
                                                MODEL_KEY: model_fingerprint(self.cfg)})
@@ -233,10 +213,10 @@ def _check_compatible(previous: MemoryManifest, cfg: RecoConfig, d: int, out_dir
 CPUS_PER_CPU_REPLICA = 1
 
 
-def _decode_threads(cfg: RecoConfig, cpus: float, gpus: float) -> int:
-    """Decoding threads per replica: its CPUs beside a GPU; none (decode in line) on CPU."""
-    if cfg.embed.decode_threads is not None:
-        return cfg.embed.decode_threads
+def _decode_processes(cfg: RecoConfig, cpus: float, gpus: float) -> int:
+    """Decoding processes per replica: one per CPU beside a GPU; none (decode in line) on CPU."""
+    if cfg.embed.decode_processes is not None:
+        return cfg.embed.decode_processes
     return int(cpus) if gpus else 0
 
 
@@ -280,7 +260,7 @@ def embed_shards(cfg: RecoConfig, sources: list[str], out_dir: str, depends: dic
         resources = replica_resources(cfg, len(todo))
         start = time.perf_counter()
         kwargs = {"cfg_json": cfg.model_dump_json(), "staging": staging, "cpus": resources.cpus,
-                  "decode_threads": _decode_threads(cfg, resources.cpus, resources.gpus)}
+                  "decode_processes": _decode_processes(cfg, resources.cpus, resources.gpus)}
         for stats in run_shard_jobs([{"source": s} for s in todo], ShardEmbedder, kwargs, resources,
                                     InputShardStats, desc="embed"):
             staged[stats.source] = stats

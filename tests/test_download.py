@@ -147,7 +147,7 @@ def test_memory_copy_embeds_like_the_evaluation_image(tiny_checkpoint, tmp_path)
             corpus = download(downloaded)
             assert corpus.successes == 1, corpus.failures
             sources[mode] = list_shards(downloaded.path("corpus"))[0]
-    embedder = ShardEmbedder(cfg.model_dump_json(), str(tmp_path / "staged"), cpus=1, decode_threads=0)
+    embedder = ShardEmbedder(cfg.model_dump_json(), str(tmp_path / "staged"), cpus=1, decode_processes=0)
     emb = {}
     for name, source in sources.items():
         assert embedder.process(source).written == 1

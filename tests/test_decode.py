@@ -1,0 +1,115 @@
+"""Decoding for the embed stage: the split preprocess equals open_clip's, worker processes
+write what in-line decoding writes, and a dead worker fails its shard with a clear error."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from pipeline.embed import embed
+from reco.decode import DecodeError, Preprocess, SampleDecoder, decode_samples
+from reco.demo import synthetic
+from reco.tars import TarSample
+from tests.conftest import make_config
+from tests.test_embed import _member, read_memory
+
+
+def _images() -> list[bytes]:
+    """JPEGs of the corpus, and the other modes web images come in: grey, palette, RGBA PNG."""
+    jpegs = [s.jpeg for s in synthetic.make_samples(3, seed=7, image_size=96)]
+    base = Image.open(io.BytesIO(jpegs[0]))
+    others = []
+    for mode, fmt in (("L", "JPEG"), ("P", "PNG"), ("RGBA", "PNG")):
+        buf = io.BytesIO()
+        base.resize((120, 80)).convert(mode).save(buf, fmt)
+        others.append(buf.getvalue())
+    return jpegs + others
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_split_preprocess_equals_open_clip(size):
+    preprocess = open_clip.image_transform(size, is_train=False)
+    split = Preprocess.split(preprocess)
+    assert split.normalize is not None
+    images = _images()
+    ours = split.batch([torch.from_numpy(np.stack([split.image(b) for b in images]))], "cpu")
+    theirs = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+    assert torch.equal(ours, theirs)
+
+
+def test_a_preprocess_without_a_float_tail_runs_whole():
+    preprocess = transforms.Compose([transforms.Resize(24), transforms.CenterCrop(24), transforms.ToTensor()])
+    split = Preprocess.split(preprocess)
+    assert split.normalize is None
+    images = _images()
+    ours = split.batch([torch.from_numpy(np.stack([split.image(b) for b in images]))], "cpu")
+    theirs = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+    assert torch.equal(ours, theirs)
+
+
+def _shard_with_bad_samples(path: Path) -> int:
+    """40 good samples with one of each kind of bad one among them, on both sides of a run
+    boundary (runs of 32); returns how many samples it holds."""
+    good = list(synthetic.make_samples(40, seed=11, key_prefix="good"))
+    bad = {3: ("corrupt", good[0].jpeg[:200], b"a photo"), 20: ("notimage", b"<html>", b"a photo"),
+           31: ("emptycap", good[1].jpeg, b"  "), 32: ("nocap", good[2].jpeg, None),
+           39: ("noimage", None, b"a caption without an image")}
+    with tarfile.open(path, "w") as tar:
+        for i, s in enumerate(good):
+            if i in bad:
+                key, image, caption = bad[i]
+                if image is not None:
+                    _member(tar, f"{key}.jpg", image)
+                if caption is not None:
+                    _member(tar, f"{key}.txt", caption)
+            _member(tar, f"{s.key}.jpg", s.jpeg)
+            _member(tar, f"{s.key}.txt", s.caption.encode())
+    return len(good) + len(bad)
+
+
+def test_decoding_processes_write_what_in_line_decoding_writes(tmp_path, tiny_checkpoint, ray_local):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    samples = _shard_with_bad_samples(corpus / "00000.tar")
+    manifests, tables = {}, {}
+    for processes in (0, 2):
+        cfg = make_config(tmp_path / f"work-{processes}", model={"pretrained": tiny_checkpoint},
+                          embed={"input": str(corpus), "batch_size": 64, "dtype": "float32",
+                                 "decode_processes": processes})
+        manifests[processes] = embed(cfg)
+        tables[processes] = read_memory(cfg.workdir)
+    inline, workers = manifests[0].inputs[0], manifests[2].inputs[0]
+    assert (inline.samples, inline.written) == (samples, samples - 5)
+    assert tables[2].equals(tables[0])  # keys, captions and embeddings, to the bit
+    assert workers.skipped == inline.skipped and inline.skipped.total == 5
+    assert inline.seconds["decoder_start"] == 0 and workers.seconds["decoder_start"] > 0
+
+
+def test_a_dead_decoding_process_fails_its_shard_and_the_next_decodes():
+    samples = [TarSample(key=s.key, files={"jpg": s.jpeg, "txt": s.caption.encode()})
+               for s in synthetic.make_samples(4, seed=2)]
+    decoder = SampleDecoder(open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32"),
+                            processes=1)
+    try:
+        assert decoder.wait_started() > 0
+        os.kill(decoder.pool.submit(os.getpid).result(), signal.SIGKILL)
+        with pytest.raises(DecodeError, match="shard-7.tar: a decoding process died.*a re-run embeds it again"):
+            for future in decoder.submit(samples, "shard-7.tar"):
+                decoder.result(future, "shard-7.tar")
+        decoder.wait_started()
+        runs = [decoder.result(f, "shard-8.tar") for f in decoder.submit(samples, "shard-8.tar")]
+        expected = decode_samples(samples, decoder.preprocess, decoder.tokenizer)
+        assert [r.kept for r in runs] == [[0, 1, 2, 3]]
+        assert torch.equal(runs[0].pixels, expected.pixels) and torch.equal(runs[0].tokens, expected.tokens)
+    finally:
+        decoder.close()
