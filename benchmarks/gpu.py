@@ -62,7 +62,7 @@ def embed_ratio(pairs: int, batch_size: int, repeats: int, device: str, replica_
     clip = load_clip(cfgs[replica_cpus[0]].model, device=device)
     images, tokens = bare_inputs(clip, samples)
     bare_forward(clip, images[:batch_size], tokens[:batch_size], batch_size, device)  # CUDA context, kernels
-    runs = {cpus: {"ours": [], "shards": [], "forward": []} for cpus in replica_cpus}
+    runs = {cpus: {"ours": [], "start": [], "shards": [], "forward": []} for cpus in replica_cpus}
     bare, cut = [], []
     for r in range(repeats):
         for cpus, cfg in cfgs.items():
@@ -71,15 +71,16 @@ def embed_ratio(pairs: int, batch_size: int, repeats: int, device: str, replica_
             seconds = time.perf_counter() - start
             assert manifest.total_rows == pairs
             resources = replica_resources(cfg, len(manifest.inputs))
-            # The replicas' time in the shards (read, decode, forward) and in the forward alone,
-            # to say where the end-to-end time goes.
+            # The replicas' time waiting for their decoding processes to start, in the shards
+            # (read, decode, forward) and in the forward alone: where the end-to-end time goes.
             run = runs[cpus]
             run["ours"].append(seconds)
+            run["start"].append(replica_seconds(manifest, resources.actors, "decoder_start"))
             run["forward"].append(replica_seconds(manifest, resources.actors, "forward"))
             run["shards"].append(replica_seconds(manifest, resources.actors, "read_decode_wait", "forward"))
             print(f"  embed repeat {r}, replica of {resources.cpus:g} CPUs: reco {pairs / seconds:.0f} pairs/s end "
                   f"to end, {pairs / run['shards'][-1]:.0f} within shards, {pairs / run['forward'][-1]:.0f} in its "
-                  f"forward ({load()})", flush=True)
+                  f"forward; {run['start'][-1]:.1f} s waiting for its decoding processes' start ({load()})", flush=True)
         bare.append(bare_forward(clip, images, tokens, batch_size, device))
         cut.append(bare_forward(clip, images, tokens, batch_size, device, cut_padding=True))
         print(f"  embed repeat {r}: bare forward {pairs / bare[-1]:.0f} pairs/s, {pairs / cut[-1]:.0f} with the "
@@ -89,7 +90,8 @@ def embed_ratio(pairs: int, batch_size: int, repeats: int, device: str, replica_
         ours, shards, forward = (median(run[k]) for k in ("ours", "shards", "forward"))
         name = f"{cpus} CPUs" if cpus else "default CPUs"
         print(f"  embed medians, replica of {name}: reco {pairs / ours:.0f} pairs/s end to end, "
-              f"{pairs / shards:.0f} within shards, {pairs / forward:.0f} in its forward")
+              f"{pairs / shards:.0f} within shards, {pairs / forward:.0f} in its forward; "
+              f"{median(run['start']):.1f} s waiting for its decoding processes' start")
         results.append("embed ({}) {:.2f} of the bare fp16 forward end to end, {:.2f} within shards, {:.2f} in "
                        "the forward ({:.2f}, {:.2f}, {:.2f} of it with the padding cut)".format(
                            name, *(median(b) / t for b in (bare, cut) for t in (ours, shards, forward))))

@@ -55,7 +55,8 @@ TARGET_PAIRS, NODES_AT_SCALE, GPUS_PER_NODE = 10**9, 8, 8
 PER_GPU = {
     "embed": (540.0, "measured: benchmarks/gpu.py on one H200 with 16 CPUs, `reco embed` within shards "
               "(ViT-B-32, fp16; start-up left out, as 1B pairs amortise it), far under the bare "
-              "forward's 5,714 (docs/performance.md, GPU)"),
+              "forward's 5,714, with the replica decoding in threads; decoding in processes, its forward "
+              "step ran 3.5x faster, its steady state not yet measured (docs/performance.md, GPU)"),
     "neighbors": (1e9 / (12 * 3600 * 4) / 2, "Johnson et al. 2017 (faiss GPU paper): a 10-NN graph of 1B "
                   "vectors in < 12 h on 4 Titan X; halved, as a pair searches both modalities"),
     "train": (66_500.0, "measured: benchmarks/gpu.py on one H200, one Ray Train worker at steady state "

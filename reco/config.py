@@ -96,8 +96,9 @@ class EmbedConfig(Section):
     """Model replicas; default one per GPU, or one per CPU on a CPU-only cluster (never more
     than input shards). Each holds its own copy of the model."""
     cpus_per_actor: float | None = Field(None, gt=0)
-    """CPUs each replica reserves (decoding and, on CPU, the forward pass's threads). Default:
-    the cluster's CPUs divided among the replicas, at most 8 and at most one node's."""
+    """CPUs each replica reserves (its decoding processes beside a GPU; on CPU, the forward
+    pass's threads). Default: the cluster's CPUs divided among the replicas, at most 8 and
+    at most one node's."""
     gpus_per_actor: float | None = Field(None, ge=0)
     """Default 1 on a cluster with GPUs, else 0."""
     decode_processes: int | None = Field(None, ge=0)
