@@ -8,8 +8,8 @@ of float32's bytes to move between processes and to the GPU.
 
 Decoding runs in line (a CPU replica: its forward pass owns the core) or in worker
 processes (beside a GPU), as torch's DataLoader workers do: threads would share the
-replica's GIL with the forward pass's kernel launches, which ran 7x slower than the bare
-forward on an H200 with 8 decoding threads beside it (docs/performance.md). A worker
+replica's GIL with the forward pass's kernel launches, which ran 7-8x slower than the
+bare forward on an H200 with 8 decoding threads beside it (docs/performance.md). A worker
 tokenizes its samples' captions too: open_clip's tokenizer is Python, ~50 us a caption.
 """
 
@@ -41,7 +41,8 @@ class Decoded:
     """None if none is kept, else (kept, H, W, 3) uint8 before the preprocess's float tail,
     or (kept, C, H, W) float32 where the preprocess has no such tail. A tensor, not an
     array: torch passes tensors between processes in shared memory, numpy's are pickled
-    through a pipe (160 us an image in the receiver against 20-45 here)."""
+    through a pipe (on 2 cores the receiving process spent 160 us an image on those, 18-45
+    on these)."""
     tokens: torch.Tensor | None
     """(kept, context) token ids; None if none is kept."""
     kept: list[int]
