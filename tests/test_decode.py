@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -21,7 +19,7 @@ from reco.decode import DecodeError, Preprocess, SampleDecoder, decode_samples
 from reco.demo import synthetic
 from reco.tars import TarSample
 from tests.conftest import make_config
-from tests.test_embed import _member, read_memory
+from tests.test_embed import _bad_shard, read_memory
 
 
 def _images() -> list[bytes]:
@@ -57,30 +55,11 @@ def test_a_preprocess_without_a_float_tail_runs_whole():
     assert torch.equal(ours, theirs)
 
 
-def _shard_with_bad_samples(path: Path) -> int:
-    """40 good samples with one of each kind of bad one among them, on both sides of a run
-    boundary (runs of 32); returns how many samples it holds."""
-    good = list(synthetic.make_samples(40, seed=11, key_prefix="good"))
-    bad = {3: ("corrupt", good[0].jpeg[:200], b"a photo"), 20: ("notimage", b"<html>", b"a photo"),
-           31: ("emptycap", good[1].jpeg, b"  "), 32: ("nocap", good[2].jpeg, None),
-           39: ("noimage", None, b"a caption without an image")}
-    with tarfile.open(path, "w") as tar:
-        for i, s in enumerate(good):
-            if i in bad:
-                key, image, caption = bad[i]
-                if image is not None:
-                    _member(tar, f"{key}.jpg", image)
-                if caption is not None:
-                    _member(tar, f"{key}.txt", caption)
-            _member(tar, f"{s.key}.jpg", s.jpeg)
-            _member(tar, f"{s.key}.txt", s.caption.encode())
-    return len(good) + len(bad)
-
-
 def test_decoding_processes_write_what_in_line_decoding_writes(tmp_path, tiny_checkpoint, ray_local):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    samples = _shard_with_bad_samples(corpus / "00000.tar")
+    # 40 good samples, the 5 bad ones at 30-34: on both sides of a run boundary (runs of 32)
+    _bad_shard(corpus / "00000.tar", good=40, bad_at=30)
     manifests, tables = {}, {}
     for processes in (0, 2):
         cfg = make_config(tmp_path / f"work-{processes}", model={"pretrained": tiny_checkpoint},
@@ -89,7 +68,7 @@ def test_decoding_processes_write_what_in_line_decoding_writes(tmp_path, tiny_ch
         manifests[processes] = embed(cfg)
         tables[processes] = read_memory(cfg.workdir)
     inline, workers = manifests[0].inputs[0], manifests[2].inputs[0]
-    assert (inline.samples, inline.written) == (samples, samples - 5)
+    assert (inline.samples, inline.written) == (45, 40)
     assert tables[2].equals(tables[0])  # keys, captions and embeddings, to the bit
     assert workers.skipped == inline.skipped and inline.skipped.total == 5
     assert inline.seconds["decoder_start"] == 0 and workers.seconds["decoder_start"] > 0

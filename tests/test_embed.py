@@ -108,22 +108,22 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _bad_shard(path: Path) -> None:
-    """8 good samples and one of each kind of bad one."""
-    good = list(synthetic.make_samples(8, seed=5, key_prefix="good"))
+def _bad_shard(path: Path, good: int = 8, bad_at: int = 4) -> None:
+    """`good` good samples with one of each kind of bad one (5) among them, from position `bad_at`."""
+    samples = list(synthetic.make_samples(good, seed=5, key_prefix="good"))
     with tarfile.open(path, "w") as tar:
-        for s in good[:4]:
+        for s in samples[:bad_at]:
             _member(tar, f"{s.key}.jpg", s.jpeg)
             _member(tar, f"{s.key}.txt", s.caption.encode())
-        _member(tar, "corrupt.jpg", good[0].jpeg[: len(good[0].jpeg) // 3])
+        _member(tar, "corrupt.jpg", samples[0].jpeg[: len(samples[0].jpeg) // 3])
         _member(tar, "corrupt.txt", b"a photo of a thing")
         _member(tar, "notimage.jpg", b"<html>not an image</html>")
         _member(tar, "notimage.txt", b"a photo of a thing")
-        _member(tar, "emptycap.jpg", good[1].jpeg)
+        _member(tar, "emptycap.jpg", samples[1].jpeg)
         _member(tar, "emptycap.txt", b"   ")
-        _member(tar, "nocap.jpg", good[2].jpeg)
+        _member(tar, "nocap.jpg", samples[2].jpeg)
         _member(tar, "noimage.txt", b"a caption without an image")
-        for s in good[4:]:
+        for s in samples[bad_at:]:
             _member(tar, f"{s.key}.jpg", s.jpeg)
             _member(tar, f"{s.key}.txt", s.caption.encode())
 
