@@ -111,6 +111,11 @@ class ShardEmbedder(ShardActor):
         while ahead:
             yield collect(*ahead.popleft())
 
+    def close(self) -> None:
+        # Its decoding processes exit while it lives: killed with it, they would unregister
+        # their queues' semaphores from a resource tracker already gone, each with a traceback.
+        self.decoder.close()
+
     @torch.inference_mode()
     def _encode(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         tokens = tokens.to(self.device, non_blocking=True)

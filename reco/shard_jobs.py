@@ -25,6 +25,8 @@ from reco import storage
 from reco.cluster import cluster_cpus, cluster_gpus, largest_node_cpus
 
 Record = TypeVar("Record")
+
+CLOSE_TIMEOUT_S = 30
 Result = TypeVar("Result", bound=BaseModel)
 
 
@@ -79,6 +81,9 @@ class ShardActor:
         """One job's record as JSON: the driver validates it into its record type."""
         return self.process(**job).model_dump_json()
 
+    def close(self) -> None:
+        """Release what the actor started (child processes, say) before it is killed."""
+
 
 def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kwargs: dict,
                    resources: ActorResources, record_type: type[Result], *, desc: str, unit: str = "shard",
@@ -98,5 +103,8 @@ def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kw
                 bar.update(size(record))
                 yield record
     finally:
-        for a in actors:  # free their CPUs/GPUs for the next stage now, not at garbage collection
+        # Free their CPUs/GPUs for the next stage now, not at garbage collection; an actor
+        # that does not close in time (its node lost, say) is killed all the same.
+        ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=CLOSE_TIMEOUT_S)
+        for a in actors:
             ray.kill(a)

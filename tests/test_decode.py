@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -15,8 +16,11 @@ from PIL import Image
 from torchvision import transforms
 
 from pipeline.embed import embed
+from pydantic import BaseModel
+
 from reco.decode import DecodeError, Preprocess, SampleDecoder, decode_samples
 from reco.demo import synthetic
+from reco.shard_jobs import ActorResources, ShardActor, run_shard_jobs
 from reco.tars import TarSample
 from tests.conftest import make_config
 from tests.test_embed import _bad_shard, read_memory
@@ -92,3 +96,29 @@ def test_a_dead_decoding_process_fails_its_shard_and_the_next_decodes():
         assert torch.equal(runs[0].pixels, expected.pixels) and torch.equal(runs[0].tokens, expected.tokens)
     finally:
         decoder.close()
+
+
+class Done(BaseModel):
+    name: str
+
+
+class MarksItsClose(ShardActor):
+    """Writes a file when closed: a replica's decoding processes must exit while it lives
+    (killed with it, each printed a resource-tracker traceback on the console)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def process(self, name: str) -> Done:
+        return Done(name=name)
+
+    def close(self) -> None:
+        Path(self.folder, f"closed-{os.getpid()}").touch()
+
+
+def test_shard_actors_are_closed_before_they_are_killed(tmp_path, ray_local):
+    jobs = [{"name": str(i)} for i in range(4)]
+    records = run_shard_jobs(jobs, MarksItsClose, {"folder": str(tmp_path)}, ActorResources(2, 0.5, 0), Done,
+                             desc="test")
+    assert sorted(r.name for r in records) == ["0", "1", "2", "3"]
+    assert len(list(tmp_path.glob("closed-*"))) == 2
