@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from reco.errors import RecoError
 from reco.tars import TarSample
 
 
@@ -130,7 +131,7 @@ def _decode_in_worker(samples: list[TarSample]) -> Decoded:
     return decode_samples(samples, *_worker)
 
 
-class DecodeError(RuntimeError):
+class DecodeError(RecoError, RuntimeError):
     """A decoding process died (killed for memory, or crashed in a native decoder)."""
 
 

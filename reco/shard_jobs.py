@@ -12,6 +12,7 @@ start-up buy nothing here and cost seconds per run (docs/performance.md).
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -23,10 +24,14 @@ from tqdm import tqdm
 
 from reco import storage
 from reco.cluster import cluster_cpus, cluster_gpus, largest_node_cpus
+from reco.errors import RecoError
+
+log = logging.getLogger(__name__)
 
 Record = TypeVar("Record")
 
 CLOSE_TIMEOUT_S = 30
+FAILURES_SHOWN = 5
 Result = TypeVar("Result", bound=BaseModel)
 
 
@@ -85,6 +90,10 @@ class ShardActor:
         """Release what the actor started (child processes, say) before it is killed."""
 
 
+class ShardJobsFailed(RecoError):
+    """Some jobs failed with an error the user can act on; the others finished and are kept."""
+
+
 def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kwargs: dict,
                    resources: ActorResources, record_type: type[Result], *, desc: str, unit: str = "shard",
                    total: int | None = None, size: Callable[[Result], int] = lambda record: 1) -> Iterator[Result]:
@@ -92,13 +101,27 @@ def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kw
     advanced by `size(record)` out of `total` (default: one per job).
 
     An actor lost with its node is restarted and its job retried, as Ray Data's pool did.
+    A job that raises a `RecoError` (a shard's decoding process killed, say) fails alone:
+    the other jobs go on, and `ShardJobsFailed` names the failed ones at the end, so a
+    re-run, which skips finished shards, has only those left to do. Any other error stops
+    the run at once, with its traceback: it is a bug, not the input.
     """
     remote = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_restarts=-1,
                         max_task_retries=-1, scheduling_strategy="SPREAD")(actor)
     actors = [remote.remote(**actor_kwargs) for _ in range(resources.actors)]
+    failures: list[str] = []
     try:
+        pool = ActorPool(actors)
+        for job in jobs:
+            pool.submit(lambda a, job: a.run.remote(job), job)
         with tqdm(total=len(jobs) if total is None else total, unit=unit, desc=desc, disable=None) as bar:
-            for record_json in ActorPool(actors).map_unordered(lambda a, job: a.run.remote(job), jobs):
+            while pool.has_next():
+                try:
+                    record_json = pool.get_next_unordered()
+                except RecoError as err:  # Ray raises a task's error as an instance of its class too
+                    failures.append(str(getattr(err, "cause", err)))
+                    log.warning("%s: %s", desc, failures[-1])
+                    continue
                 record = record_type.model_validate_json(record_json)
                 bar.update(size(record))
                 yield record
@@ -108,3 +131,8 @@ def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kw
         ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=CLOSE_TIMEOUT_S)
         for a in actors:
             ray.kill(a)
+    if failures:
+        shown = "\n  ".join(failures[:FAILURES_SHOWN])
+        more = f"\n  and {len(failures) - FAILURES_SHOWN} more" if len(failures) > FAILURES_SHOWN else ""
+        raise ShardJobsFailed(f"{desc}: {len(failures)} of {len(jobs)} shards failed ({len(jobs) - len(failures)} "
+                              f"done); re-run the same command to retry them:\n  {shown}{more}")

@@ -4,12 +4,16 @@ write what in-line decoding writes, and a dead worker fails its shard with a cle
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import open_clip
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -18,9 +22,10 @@ from torchvision import transforms
 from pipeline.embed import embed
 from pydantic import BaseModel
 
+from reco.cli import main
 from reco.decode import DecodeError, Preprocess, SampleDecoder, decode_samples
 from reco.demo import synthetic
-from reco.shard_jobs import ActorResources, ShardActor, run_shard_jobs
+from reco.shard_jobs import ActorResources, ShardActor, ShardJobsFailed, run_shard_jobs
 from reco.tars import TarSample
 from tests.conftest import make_config
 from tests.test_embed import _bad_shard, read_memory
@@ -96,6 +101,52 @@ def test_a_dead_decoding_process_fails_its_shard_and_the_next_decodes():
         assert torch.equal(runs[0].pixels, expected.pixels) and torch.equal(runs[0].tokens, expected.tokens)
     finally:
         decoder.close()
+
+
+def _kill_first_decoding_process(stop: threading.Event) -> None:
+    """SIGKILL the first spawned pool worker among this test's descendants (the embed
+    replica's decoding process, as the kernel's OOM killer would), once."""
+    while not stop.is_set():
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "spawn_main" in " ".join(proc.cmdline()):
+                    proc.kill()
+                    return
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.05)
+
+
+def test_a_shard_whose_decoding_process_dies_fails_alone_with_a_clear_error(tmp_path, tiny_checkpoint, ray_local,
+                                                                           capsys, caplog):
+    corpus = tmp_path / "corpus"
+    synthetic.write_webdataset(synthetic.make_samples(80, seed=12), str(corpus), samples_per_shard=40)
+    config = tmp_path / "embed.yaml"
+    config.write_text(f"workdir: {tmp_path / 'work'}\nmodel: {{pretrained: {tiny_checkpoint}}}\n"
+                      f"embed: {{input: {corpus}, batch_size: 16, num_actors: 1, decode_processes: 1}}\n")
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_first_decoding_process, args=(stop,))
+    killer.start()
+    try:
+        code = main(["embed", str(config)])
+    finally:
+        stop.set()
+        killer.join()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "reco: error: embed: 1 of 2 shards failed (1 done); re-run the same command" in err
+    assert "a decoding process died" in err and "Traceback" not in err
+    staging = tmp_path / "work" / "memory" / "_staging"
+    finished = list(staging.glob("*.parquet"))
+    assert len(finished) == 1 and not (tmp_path / "work" / "memory" / "_manifest.json").exists()
+
+    with caplog.at_level(logging.INFO, logger="reco.encode"):
+        assert main(["embed", str(config)]) == 0
+    assert "2 input shards: 0 in memory, 1 staged, 1 to embed" in caplog.text  # only the failed one again
+    whole = make_config(tmp_path / "whole", model={"pretrained": tiny_checkpoint},
+                        embed={"input": str(corpus), "batch_size": 16})
+    embed(whole)
+    assert read_memory(str(tmp_path / "work")).equals(read_memory(whole.workdir))
 
 
 class Done(BaseModel):
