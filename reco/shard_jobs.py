@@ -29,10 +29,10 @@ from reco.errors import RecoError
 log = logging.getLogger(__name__)
 
 Record = TypeVar("Record")
+Result = TypeVar("Result", bound=BaseModel)
 
 CLOSE_TIMEOUT_S = 30
 FAILURES_SHOWN = 5
-Result = TypeVar("Result", bound=BaseModel)
 
 
 def find_finished(folder: str, names: list[str], record: Callable[[str], Record | None]) -> dict[str, Record | None]:

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from reco.cli import main
 from reco.decode import DecodeError, Preprocess, SampleDecoder, decode_samples
 from reco.demo import synthetic
-from reco.shard_jobs import ActorResources, ShardActor, ShardJobsFailed, run_shard_jobs
+from reco.shard_jobs import ActorResources, ShardActor, run_shard_jobs
 from reco.tars import TarSample
 from tests.conftest import make_config
 from tests.test_embed import _bad_shard, read_memory
