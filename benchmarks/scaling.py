@@ -1,7 +1,8 @@
 """Throughput of embed, index, neighbours and train by corpus size and node count, and a projection to 1B pairs.
 
     python benchmarks/scaling.py [--sizes 2000,8000,32000] [--nodes 1,2,3] [--cpus-per-node 2]
-                                 [--stages embed,index,neighbors,train] [--record FILE] [--write-docs]
+                                 [--stages embed,index,neighbors,train] [--bare] [--record FILE]
+                                 [--write-docs]
 
 For each node count a `ray.cluster_utils.Cluster` of that many Ray nodes is started on
 this machine (on one small machine the nodes share its cores, so more nodes add Ray's
@@ -14,6 +15,12 @@ Throughput is pairs per second of the whole stage call, start-up included; at th
 that is mostly start-up, so the table also gives the cost per pair added (each size's
 seconds minus the next smaller size's, over the added pairs) and, per stage, the largest
 over the smallest of those: how far from linear the stage is.
+
+With --bare, on one node, the bare libraries do index's and neighbours' work on the same
+inputs, in this process, right after the stage: autofaiss `build_index` with the key the
+stage chose, and faiss search + numpy gather on the stage's own index with its search
+parameters (benchmarks/index.py and neighbors.py). Their rows tell the library's own
+growth in cost per pair from the stage's.
 
 Each row is appended to --record (JSON lines) as soon as it is measured, and a row already
 there is not measured again: an interrupted run goes on where it stopped (delete the
@@ -36,15 +43,19 @@ from common import ROOT, load, median, parser, timed
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from benchmarks.index import time_bare as time_bare_autofaiss  # noqa: E402
+from benchmarks.neighbors import bare as time_bare_search  # noqa: E402
 from indexing.build import build_index  # noqa: E402
 from indexing.neighbors import neighbors  # noqa: E402
 from pipeline.embed import embed  # noqa: E402
 from reco.config import RecoConfig, config_from_dict  # noqa: E402
-from reco.contracts import MEMORY_DIR, write_memory  # noqa: E402
+from reco.contracts import MEMORY_DIR, IndexManifest, index_folder, write_memory  # noqa: E402
 from reco.demo import synthetic  # noqa: E402
 from training.train import train  # noqa: E402
 
 STAGES = ("embed", "index", "neighbors", "train")
+BARE = {"index": "index, bare autofaiss", "neighbors": "neighbors, bare faiss"}
+ORDER = ("embed", "index", BARE["index"], "neighbors", BARE["neighbors"], "train")  # of the tables' rows
 DOC = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "performance.png"
 BEGIN, END = "<!-- scaling:begin (benchmarks/scaling.py --write-docs) -->", "<!-- scaling:end -->"
@@ -78,8 +89,10 @@ def stage_config(work: Path, nodes: int, model: str) -> RecoConfig:
     })
 
 
-def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, d: int) -> dict[str, float]:
-    """Seconds of each stage on `pairs` synthetic pairs."""
+def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, d: int,
+             bare: bool) -> dict[str, float]:
+    """Seconds of each stage on `pairs` synthetic pairs, and of the bare libraries' same work
+    if `bare`."""
     seconds: dict[str, float] = {}
     shard_rows = max(100, pairs // 8)  # 8 shards at every size: work for up to 8 actors or index shards
     if "embed" in stages:
@@ -91,15 +104,22 @@ def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, 
     image, text = synthetic.clustered_embeddings(pairs, d, seed=4, clusters=max(8, pairs // 100))
     write_memory(cfg.path(MEMORY_DIR), image, text, shard_rows=shard_rows)
     for stage, fn in (("index", build_index), ("neighbors", neighbors), ("train", train)):
-        if stage in stages:
-            seconds[stage] = timed(lambda: fn(cfg))
+        if stage not in stages:
+            continue
+        seconds[stage] = timed(lambda: fn(cfg))
+        if bare and stage == "index":
+            key = IndexManifest.read(index_folder(str(work), "image")).key
+            (root / "bare").mkdir()
+            seconds[BARE[stage]] = time_bare_autofaiss(root / "bare", Path(cfg.path(MEMORY_DIR)), key, repeat=0)
+        elif bare and stage == "neighbors":
+            seconds[BARE[stage]] = time_bare_search(str(work), cfg.neighbors.k)
     return seconds
 
 
 def run_in_tempdir(nodes: int, pairs: int, args) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="reco-bench-scaling-"))
     try:
-        return run_size(root, nodes, pairs, args.stages, args.model, args.d)
+        return run_size(root, nodes, pairs, args.stages, args.model, args.d, args.bare and nodes == 1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -122,7 +142,7 @@ def measure(args) -> list[dict]:
     rows = [json.loads(line) for line in record.read_text().splitlines() if line.strip()] if record.exists() else []
     done = {(r["stage"], r["nodes"], r["pairs"]) for r in rows}
     for nodes in args.nodes:
-        todo = [p for p in args.sizes if any((s, nodes, p) not in done for s in args.stages)]
+        todo = [p for p in args.sizes if any((s, nodes, p) not in done for s in stages_measured(args, nodes))]
         if not todo:
             continue
         cluster = start_cluster(nodes, args.cpus_per_node)
@@ -140,9 +160,14 @@ def measure(args) -> list[dict]:
             ray.shutdown()
             cluster.shutdown()
             os.environ.pop("RAY_ADDRESS")
-    wanted = {(s, n, p) for s in args.stages for n in args.nodes for p in args.sizes}
+    wanted = {(s, n, p) for n in args.nodes for s in stages_measured(args, n) for p in args.sizes}
     return sorted((r for r in rows if (r["stage"], r["nodes"], r["pairs"]) in wanted),
-                  key=lambda r: (STAGES.index(r["stage"]), r["nodes"], r["pairs"]))
+                  key=lambda r: (ORDER.index(r["stage"]), r["nodes"], r["pairs"]))
+
+
+def stages_measured(args, nodes: int) -> list[str]:
+    """The stages asked for, and on one node with --bare their bare libraries' rows."""
+    return args.stages + [BARE[s] for s in args.stages if s in BARE and args.bare and nodes == 1]
 
 
 def marginal_ms(rows: list[dict]) -> dict[tuple[str, int, int], float]:
@@ -176,7 +201,7 @@ def flatness(rows: list[dict]) -> str:
     sizes (1.00 is perfectly linear; the goal is within 20%, <= 1.20)."""
     added = marginal_ms(rows)
     lines = ["| stage | nodes | ms per pair added, by size | largest / smallest |", "|---|---|---|---|"]
-    for stage in sorted({r["stage"] for r in rows}, key=STAGES.index):
+    for stage in sorted({r["stage"] for r in rows}, key=ORDER.index):
         for nodes in sorted({r["nodes"] for r in rows}):
             costs = [(p, ms) for (s, n, p), ms in sorted(added.items()) if (s, n) == (stage, nodes)]
             if len(costs) >= 2:
@@ -194,7 +219,7 @@ def projection(rows: list[dict]) -> str:
     size, per node."""
     gpus = NODES_AT_SCALE * GPUS_PER_NODE
     lines = ["| stage | rate used | source | hours for 1B pairs on 8 x 8 GPUs |", "|---|---|---|---|"]
-    for stage in sorted({r["stage"] for r in rows}, key=STAGES.index):
+    for stage in sorted({r["stage"] for r in rows if r["stage"] in STAGES}, key=STAGES.index):
         if stage in PER_GPU:
             rate, source = PER_GPU[stage]
             total = rate * gpus
@@ -215,12 +240,15 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = sorted({r["stage"] for r in rows}, key=STAGES.index)
+    stages = sorted({r["stage"] for r in rows if r["stage"] in STAGES}, key=STAGES.index)
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         for nodes in sorted({r["nodes"] for r in rows}):
             pts = sorted((r["pairs"], r["pairs_per_s"]) for r in rows if r["stage"] == stage and r["nodes"] == nodes)
             ax.plot(*zip(*pts), marker="o", label=f"{nodes} node{'s' * (nodes > 1)}")
+        bare = sorted((r["pairs"], r["pairs_per_s"]) for r in rows if r["stage"] == BARE.get(stage))
+        if bare:
+            ax.plot(*zip(*bare), marker="o", linestyle="--", color="black", label=BARE[stage].split(", ")[1])
         ax.set(title=stage, xscale="log", xlabel="pairs", ylabel="pairs/s (whole stage)")
         sizes = sorted({r["pairs"] for r in rows})
         ax.minorticks_off()
@@ -234,7 +262,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_docs(rows: list[dict], args) -> None:
     section = (f"{BEGIN}\nMeasured by `python benchmarks/scaling.py --sizes "
                f"{','.join(map(str, args.sizes))} --nodes {','.join(map(str, args.nodes))} --cpus-per-node "
-               f"{args.cpus_per_node} --repeats {args.repeats}` (embed model {args.model}; d={args.d} elsewhere). "
+               f"{args.cpus_per_node} --repeats {args.repeats}{' --bare' * args.bare}` "
+               f"(embed model {args.model}; d={args.d} elsewhere). "
                f"All nodes share one machine of {os.cpu_count()} CPUs.\n\n{table(rows)}\n\n"
                f"Cost per pair, start-up taken out (each size's seconds minus the next smaller size's, "
                f"over the pairs added):\n\n{flatness(rows)}\n\n"
@@ -261,6 +290,8 @@ def main() -> None:
     p.add_argument("--stages", type=lambda t: t.split(","), default=list(STAGES))
     p.add_argument("--model", default="reco-tiny")
     p.add_argument("--d", type=int, default=512, help="width of the synthetic embeddings")
+    p.add_argument("--bare", action="store_true", help="on one node, also time the bare libraries' index "
+                   "and neighbour work on the same inputs")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--record", default=str(Path(tempfile.gettempdir()) / "reco-scaling.jsonl"),
                    help="JSON lines of measured rows: appended to as it goes, re-used by the next run")
