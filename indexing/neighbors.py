@@ -51,7 +51,7 @@ class ShardSearcher(ShardActor):
     """An actor searching the memory (the service's client, or its own in-process
     copy when `memory` is None); turns input shards into neighbour shards."""
 
-    def __init__(self, cfg_json: str, input_dir: str, out_dir: str, fingerprint: str, threads: int,
+    def start(self, cfg_json: str, input_dir: str, out_dir: str, fingerprint: str, threads: int,
                  memory: MemoryIndex | None):
         faiss.omp_set_num_threads(max(1, threads))
         self.cfg = RecoConfig.model_validate_json(cfg_json)

@@ -59,7 +59,7 @@ def model_fingerprint(cfg: RecoConfig) -> str:
 class ShardEmbedder(ShardActor):
     """A Ray actor holding one frozen model replica; embeds whole input shards."""
 
-    def __init__(self, cfg_json: str, staging: str, cpus: float, decode_processes: int):
+    def start(self, cfg_json: str, staging: str, cpus: float, decode_processes: int):
         self.cfg = RecoConfig.model_validate_json(cfg_json)
         self.staging = staging
         keep_freed_memory()
@@ -114,7 +114,8 @@ class ShardEmbedder(ShardActor):
     def close(self) -> None:
         # Its decoding processes exit while it lives: killed with it, they would unregister
         # their queues' semaphores from a resource tracker already gone, each with a traceback.
-        self.decoder.close()
+        if self.start_error is None:  # else there may be no decoder
+            self.decoder.close()
 
     @torch.inference_mode()
     def _encode(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

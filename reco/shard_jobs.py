@@ -76,14 +76,38 @@ def actor_resources(jobs: int, *, num_actors: int | None = None, cpus_per_actor:
     return ActorResources(actors, cpus, gpus_each)
 
 
+class ActorStartFailed(RecoError):
+    """An actor's `start` raised a `RecoError`: raised by each of its calls instead."""
+
+
 class ShardActor:
-    """Base of the actors a shard job runs: `process(**job)` turns one job into its record."""
+    """Base of the actors a shard job runs: `start(...)` loads what the actor holds (a
+    model, the memory), `process(**job)` turns one job into its record."""
+
+    def __init__(self, *args, **kwargs):
+        # A RecoError while starting (weights this node cannot download, say) is kept and
+        # raised by `check_started`: raised here, Ray would report an ActorDiedError carrying
+        # only the error's traceback as text, and the driver could not show the user's message.
+        self.start_error: RecoError | None = None
+        try:
+            self.start(*args, **kwargs)
+        except RecoError as err:
+            self.start_error = err
+
+    def start(self, *args, **kwargs) -> None:
+        """Load what the actor holds, once, when Ray creates (or restarts) it."""
 
     def process(self, **job: str) -> BaseModel:
         raise NotImplementedError
 
+    def check_started(self) -> None:
+        """Raise what `start` raised, if anything: the driver calls it before sending jobs."""
+        if self.start_error is not None:
+            raise ActorStartFailed(str(self.start_error))
+
     def run(self, job: dict[str, str]) -> str:
         """One job's record as JSON: the driver validates it into its record type."""
+        self.check_started()  # an actor restarted on another node starts again
         return self.process(**job).model_dump_json()
 
     def close(self) -> None:
@@ -92,6 +116,20 @@ class ShardActor:
 
 class ShardJobsFailed(RecoError):
     """Some jobs failed with an error the user can act on; the others finished and are kept."""
+
+
+def check_started(actors: list, desc: str) -> None:
+    """Wait for every actor's start; raise the first `RecoError` a start raised, with how
+    many actors could not start. Every actor's answer is read, so that Ray reports none of
+    them as an unhandled error."""
+    errors = []
+    for started in [a.check_started.remote() for a in actors]:
+        try:
+            ray.get(started)
+        except ActorStartFailed as err:
+            errors.append(str(getattr(err, "cause", err)))
+    if errors:
+        raise RecoError(f"{desc}: {len(errors)} of {len(actors)} actors could not start: {errors[0]}")
 
 
 def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kwargs: dict,
@@ -103,14 +141,17 @@ def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kw
     An actor lost with its node is restarted and its job retried, as Ray Data's pool did.
     A job that raises a `RecoError` (a shard's decoding process killed, say) fails alone:
     the other jobs go on, and `ShardJobsFailed` names the failed ones at the end, so a
-    re-run, which skips finished shards, has only those left to do. Any other error stops
-    the run at once, with its traceback: it is a bug, not the input.
+    re-run, which skips finished shards, has only those left to do. Jobs are sent once
+    every actor has started: one whose start raised a `RecoError` ends the run before any
+    job, with that error's message, as each of its jobs would fail the same way. Any other
+    error stops the run at once, with its traceback: it is a bug, not the input.
     """
     remote = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_restarts=-1,
                         max_task_retries=-1, scheduling_strategy="SPREAD")(actor)
     actors = [remote.remote(**actor_kwargs) for _ in range(resources.actors)]
     failures: list[str] = []
     try:
+        check_started(actors, desc)
         pool = ActorPool(actors)
         for job in jobs:
             pool.submit(lambda a, job: a.run.remote(job), job)

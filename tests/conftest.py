@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="reco-tests-hf-")  # no weights cached: the same on every machine
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -152,6 +152,13 @@ def _model_config_not_json(i: Inputs) -> list[str]:
     return ["embed", i.config(f"embed: {{input: {i.corpus()}}}\n", model=model)]
 
 
+def _weights_not_downloadable(i: Inputs) -> list[str]:
+    """A tag open_clip knows, so the driver accepts it; each replica then fails to fetch its
+    weights, offline with conftest's empty Hugging Face cache."""
+    model = "{name: ViT-B-32, pretrained: openai}"
+    return ["embed", i.config(f"embed: {{input: {i.corpus()}}}\n", workdir=i.tmp / "new", model=model)]
+
+
 def _wrong_width_shard(i: Inputs) -> list[str]:
     n = 50
     narrow = np.ones((n, 32), np.float32) / np.sqrt(32)
@@ -214,6 +221,9 @@ REFUSED = {
                                          r"weights\.pt holds more than tensors.*ran none of it.*GLOBAL posix\.system"),
     "checkpoint-truncated": Refused("model", _truncated_checkpoint, r"weights\.pt is not a PyTorch checkpoint"),
     "model-config-not-json": Refused("model", _model_config_not_json, r"model.config: .*arch\.json is not valid JSON"),
+    "weights-not-downloadable": Refused("model", _weights_not_downloadable,
+                                        r"embed: 1 of 1 actors could not start: could not download the 'openai' "
+                                        r"weights of ViT-B-32 .*give a checkpoint instead"),
     "memory-shard-wrong-width": Refused("index", _wrong_width_shard,
                                         r"part-00000\.parquet: image_embedding has width 32.*d=64"),
     "index-file-truncated": Refused("neighbors", _truncated_index_file,

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from reco.cli import main
 from reco.decode import DecodeError, Preprocess, SampleDecoder, decode_samples
+from reco.errors import ConfigError, RecoError
 from reco.demo import synthetic
 from reco.shard_jobs import ActorResources, ShardActor, run_shard_jobs
 from reco.tars import TarSample
@@ -157,7 +158,7 @@ class MarksItsClose(ShardActor):
     """Writes a file when closed: a replica's decoding processes must exit while it lives
     (killed with it, each printed a resource-tracker traceback on the console)."""
 
-    def __init__(self, folder: str):
+    def start(self, folder: str):
         self.folder = folder
 
     def process(self, name: str) -> Done:
@@ -172,4 +173,24 @@ def test_shard_actors_are_closed_before_they_are_killed(tmp_path, ray_local):
     records = run_shard_jobs(jobs, MarksItsClose, {"folder": str(tmp_path)}, ActorResources(2, 0.5, 0), Done,
                              desc="test")
     assert sorted(r.name for r in records) == ["0", "1", "2", "3"]
+    assert len(list(tmp_path.glob("closed-*"))) == 2
+
+
+class CannotStart(MarksItsClose):
+    def start(self, folder: str):
+        self.folder = folder
+        raise ConfigError("model.pretrained: weights not on this node")
+
+    def process(self, name: str) -> Done:
+        Path(self.folder, f"processed-{name}").touch()
+        return Done(name=name)
+
+
+def test_actors_that_cannot_start_end_the_run_with_their_error_before_any_job(tmp_path, ray_local):
+    jobs = [{"name": str(i)} for i in range(4)]
+    with pytest.raises(RecoError) as raised:
+        list(run_shard_jobs(jobs, CannotStart, {"folder": str(tmp_path)}, ActorResources(2, 0.5, 0), Done,
+                            desc="test"))
+    assert str(raised.value) == "test: 2 of 2 actors could not start: model.pretrained: weights not on this node"
+    assert not list(tmp_path.glob("processed-*"))
     assert len(list(tmp_path.glob("closed-*"))) == 2
