@@ -3,7 +3,7 @@
     python benchmarks/neighbors.py [--rows 50000] [--d 64] [--k 10] [--key IVF256,Flat] [--repeats 2]
 
 Writes a memory of clustered, embedding-like pairs and indexes it once with `reco index`.
-Then, each repeat, every memory pair is a query, in both modalities:
+Then, each repeat (the two sides interleaved), every memory pair is a query, in both modalities:
 - ours: `neighbors(cfg)` end to end (shard-job actors holding the memory, search with
   k + margin, drop the pair itself and image near-duplicates, gather the cross-modal
   embeddings, write Parquet neighbour shards + manifest);
@@ -18,15 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("TQDM_DISABLE", "1")
+from common import interleaved, load, median
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,9 +38,8 @@ from reco.contracts import IndexManifest, embeddings_to_numpy, index_folder, wri
 OTHER = {"image": "text", "text": "image"}
 
 
-def bare(workdir: str, k: int) -> float:
-    """Seconds for bare faiss search + numpy gather of every memory pair, both modalities."""
-    start = time.perf_counter()
+def bare(workdir: str, k: int) -> None:
+    """Bare faiss search + numpy gather of every memory pair, both modalities."""
     memory = Path(workdir) / "memory"
     tables = [pq.read_table(p) for p in sorted(memory.glob("part-*.parquet"))]
     queries = {m: np.concatenate([embeddings_to_numpy(t[f"{m}_embedding"]) for t in tables]) for m in OTHER}
@@ -60,14 +54,11 @@ def bare(workdir: str, k: int) -> float:
     for m in OTHER:
         _, ids = index[m].search(queries[m], k)
         rows[OTHER[m]][ids].astype(np.float32)
-    return time.perf_counter() - start
 
 
-def ours(cfg) -> float:
+def ours(cfg) -> None:
     shutil.rmtree(cfg.path("neighbors"), ignore_errors=True)
-    start = time.perf_counter()
     neighbors(cfg)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -85,12 +76,9 @@ def main() -> None:
     init_ray()
     faiss.omp_set_num_threads(os.cpu_count())
     build_index(cfg)
-    times = {"bare": [], "ours": []}
-    for _ in range(args.repeats):
-        times["bare"].append(bare(str(root), args.k))
-        times["ours"].append(ours(cfg))
-    qps = {name: args.rows / statistics.median(t) for name, t in times.items()}
-    print(f"{args.rows} pairs, d={args.d}, k={args.k}, index {args.key}, {args.repeats} repeats (medians)")
+    times = interleaved({"bare": lambda: bare(str(root), args.k), "ours": lambda: ours(cfg)}, args.repeats)
+    qps = {name: args.rows / median(t) for name, t in times.items()}
+    print(f"{args.rows} pairs, d={args.d}, k={args.k}, index {args.key}, {args.repeats} repeats (medians; {load()})")
     print(f"  ours {qps['ours']:.0f} queries/s (both modalities, dedup, Parquet written)")
     print(f"  bare {qps['bare']:.0f} queries/s (faiss search k + numpy gather)")
     print(f"neighbors: {qps['ours'] / qps['bare']:.2f}x of bare faiss search + gather")

@@ -43,8 +43,8 @@ from common import ROOT, load, median, parser, timed
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from benchmarks.index import time_bare as time_bare_autofaiss  # noqa: E402
-from benchmarks.neighbors import bare as time_bare_search  # noqa: E402
+from benchmarks.index import build_bare as bare_autofaiss  # noqa: E402
+from benchmarks.neighbors import bare as bare_search  # noqa: E402
 from indexing.build import build_index  # noqa: E402
 from indexing.neighbors import neighbors  # noqa: E402
 from pipeline.embed import embed  # noqa: E402
@@ -109,10 +109,9 @@ def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, 
         seconds[stage] = timed(lambda: fn(cfg))
         if bare and stage == "index":
             key = IndexManifest.read(index_folder(str(work), "image")).key
-            (root / "bare").mkdir()
-            seconds[BARE[stage]] = time_bare_autofaiss(root / "bare", Path(cfg.path(MEMORY_DIR)), key, repeat=0)
+            seconds[BARE[stage]] = timed(lambda: bare_autofaiss(root, Path(cfg.path(MEMORY_DIR)), key))
         elif bare and stage == "neighbors":
-            seconds[BARE[stage]] = time_bare_search(str(work), cfg.neighbors.k)
+            seconds[BARE[stage]] = timed(lambda: bare_search(str(work), cfg.neighbors.k))
     return seconds
 
 
