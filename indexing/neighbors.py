@@ -52,7 +52,7 @@ class ShardSearcher(ShardActor):
     copy when `memory` is None); turns input shards into neighbour shards."""
 
     def start(self, cfg_json: str, input_dir: str, out_dir: str, fingerprint: str, threads: int,
-                 memory: MemoryIndex | None):
+              memory: MemoryIndex | None):
         faiss.omp_set_num_threads(max(1, threads))
         self.cfg = RecoConfig.model_validate_json(cfg_json)
         self.memory = (memory if memory is not None

@@ -118,6 +118,12 @@ class ShardJobsFailed(RecoError):
     """Some jobs failed with an error the user can act on; the others finished and are kept."""
 
 
+def _message(err: RecoError) -> str:
+    """A RecoError's own message: Ray raises an actor call's error as an instance of its
+    class too, whose text is the whole remote traceback; `cause` is the original."""
+    return str(getattr(err, "cause", err))
+
+
 def check_started(actors: list, desc: str) -> None:
     """Wait for every actor's start; raise the first `RecoError` a start raised, with how
     many actors could not start. Every actor's answer is read, so that Ray reports none of
@@ -127,7 +133,7 @@ def check_started(actors: list, desc: str) -> None:
         try:
             ray.get(started)
         except ActorStartFailed as err:
-            errors.append(str(getattr(err, "cause", err)))
+            errors.append(_message(err))
     if errors:
         raise RecoError(f"{desc}: {len(errors)} of {len(actors)} actors could not start: {errors[0]}")
 
@@ -159,8 +165,8 @@ def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kw
             while pool.has_next():
                 try:
                     record_json = pool.get_next_unordered()
-                except RecoError as err:  # Ray raises a task's error as an instance of its class too
-                    failures.append(str(getattr(err, "cause", err)))
+                except RecoError as err:
+                    failures.append(_message(err))
                     log.warning("%s: %s", desc, failures[-1])
                     continue
                 record = record_type.model_validate_json(record_json)
