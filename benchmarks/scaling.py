@@ -89,10 +89,9 @@ def stage_config(work: Path, nodes: int, model: str) -> RecoConfig:
     })
 
 
-def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, d: int,
-             bare: bool) -> dict[str, float]:
-    """Seconds of each stage on `pairs` synthetic pairs, and of the bare libraries' same work
-    if `bare`."""
+def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, d: int) -> dict[str, float]:
+    """Seconds of each of `stages` on `pairs` synthetic pairs (a bare library's row right
+    after its stage's)."""
     seconds: dict[str, float] = {}
     shard_rows = max(100, pairs // 8)  # 8 shards at every size: work for up to 8 actors or index shards
     if "embed" in stages:
@@ -107,10 +106,12 @@ def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, 
         if stage not in stages:
             continue
         seconds[stage] = timed(lambda: fn(cfg))
-        if bare and stage == "index":
+        if BARE.get(stage) not in stages:
+            continue
+        if stage == "index":
             key = IndexManifest.read(index_folder(str(work), "image")).key
             seconds[BARE[stage]] = timed(lambda: bare_autofaiss(root, Path(cfg.path(MEMORY_DIR)), key))
-        elif bare and stage == "neighbors":
+        else:
             seconds[BARE[stage]] = timed(lambda: bare_search(str(work), cfg.neighbors.k))
     return seconds
 
@@ -118,7 +119,7 @@ def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, 
 def run_in_tempdir(nodes: int, pairs: int, args) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="reco-bench-scaling-"))
     try:
-        return run_size(root, nodes, pairs, args.stages, args.model, args.d, args.bare and nodes == 1)
+        return run_size(root, nodes, pairs, stages_measured(args, nodes), args.model, args.d)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
