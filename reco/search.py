@@ -29,6 +29,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 
 import faiss
 import numpy as np
@@ -204,18 +205,20 @@ CALL_ATTEMPTS = 3
 class MemoryIndex:
     """The searchable memory: sharded image and text indices plus embedding lookup by id.
 
-    A distributed one (the memory service's client) pickles as its actor handles, so it can
+    A distributed one (the memory service's client) pickles as its actors' names, so it can
     be passed to other Ray actors; only the process that opened it stops the service."""
 
     def __init__(self, workdir: str, manifests: dict[str, IndexManifest], servers: list,
-                 distributed: bool):
+                 distributed: bool, names: list[str] | None = None):
         self.workdir = workdir
         self.manifests = manifests
         self.d = manifests["image"].d
         self.ntotal = manifests["image"].total_rows
         """Memory pairs covered: ids 0..ntotal-1."""
         self.distributed = distributed
-        self._servers = servers
+        self._servers: list | None = servers
+        self._names = names
+        self._namespace = ray.get_runtime_context().namespace if distributed else None
         self._owns_service = distributed
         # Which server holds an id: one entry per memory shard, sorted by id_start.
         covered = [(c.id_start, j) for j, s in enumerate(manifests["image"].shards) for c in s.memory_shards]
@@ -227,7 +230,18 @@ class MemoryIndex:
         if not self.distributed:
             raise TypeError("a MemoryIndex opened in-process holds its shards in this process and cannot be "
                             "passed to another; open it with distributed=True (the memory service)")
-        return {**self.__dict__, "_owns_service": False}
+        # Names, not actor handles: an actor handle in a restartable actor's constructor
+        # arguments puts them in the object store, from which a restart after their node's
+        # loss could not read them (Ray logs an error for it: ray-project/ray#53727).
+        return {**self.__dict__, "_servers": None, "_owns_service": False}
+
+    @property
+    def servers(self) -> list:
+        """The shard servers: objects in this process, or the service's actors (looked up by
+        name where this client was unpickled)."""
+        if self._servers is None:
+            self._servers = [ray.get_actor(name, namespace=self._namespace) for name in self._names]
+        return self._servers
 
     @classmethod
     def open(cls, workdir: str, *, use_gpu: bool = False, distributed: bool = False,
@@ -249,25 +263,27 @@ class MemoryIndex:
                               "interrupted or is running; re-run `reco index`")
         params = {m: manifests[m].index_param for m in MODALITIES}
         specs = [{m: manifests[m].shards[j].model_dump() for m in MODALITIES} for j in range(len(image.shards))]
+        names = None
         if distributed:
             # A generation's files never change: one local copy per workdir and generation.
             copy_key = f"{hashlib.sha1(workdir.encode()).hexdigest()[:12]}-g{image.generation:05d}"
-            servers = _start_actors(workdir, specs, params, use_gpu, local_dir, copy_key)
+            names = [f"reco-memory-{uuid.uuid4().hex[:12]}-shard{j}" for j in range(len(specs))]
+            servers = _start_actors(workdir, specs, params, use_gpu, local_dir, copy_key, names)
         else:
             if use_gpu and not gpu_available():
                 log.warning("use_gpu: faiss has no GPU support or sees no GPU here; searching on CPU")
             ngpu = max(faiss.get_num_gpus(), 1) if gpu_available() else 1
             servers = [ShardServer(workdir, spec, params, use_gpu, gpu=j % ngpu) for j, spec in enumerate(specs)]
-        return cls(workdir, manifests, servers, distributed)
+        return cls(workdir, manifests, servers, distributed, names)
 
     def _call(self, method: str, calls: list[tuple[int, tuple]]) -> list:
         """Call `method` on the given servers (in parallel when they are actors)."""
         if not self.distributed:
-            return [getattr(self._servers[j], method)(*args) for j, args in calls]
+            return [getattr(self.servers[j], method)(*args) for j, args in calls]
         attempt = 1
         while True:
             try:
-                return ray.get([getattr(self._servers[j], method).remote(*args) for j, args in calls])
+                return ray.get([getattr(self.servers[j], method).remote(*args) for j, args in calls])
             except ray.exceptions.RayActorError as err:
                 # Ray restarts the actor and retries calls in flight; this covers a death
                 # that outlasted those retries (a restart still loading its shard).
@@ -290,7 +306,7 @@ class MemoryIndex:
             raise ValueError(f"queries must have shape (n, {self.d}), got {queries.shape}")
         # One copy in the object store for every shard, not one per call.
         batch = ray.put(queries) if self.distributed else queries
-        results = self._call("search", [(j, (batch, k, modality)) for j in range(len(self._servers))])
+        results = self._call("search", [(j, (batch, k, modality)) for j in range(len(self.servers))])
         return merge_results([r[0] for r in results], [r[1] for r in results], k)
 
     def fetch(self, ids: np.ndarray, modality: Modality) -> np.ndarray:
@@ -312,7 +328,7 @@ class MemoryIndex:
     def close(self) -> None:
         """Stop the service (in the process that started it) or release the memory maps."""
         if self._owns_service:
-            for server in self._servers:
+            for server in self.servers:
                 ray.kill(server)
         self._servers = []
 
@@ -386,19 +402,19 @@ def plan_shard_actors(shards: int, nodes: list[dict], gpus: int) -> tuple[ActorR
 
 
 def _start_actors(workdir: str, specs: list[dict], params: dict[str, str], use_gpu: bool,
-                  local_dir: str | None, copy_key: str) -> list:
-    """One actor per index shard, spread over the nodes, restarted after a failure (on
-    another node if its own is gone: the node affinity is soft)."""
+                  local_dir: str | None, copy_key: str, names: list[str]) -> list:
+    """One actor per index shard, named `names`, spread over the nodes, restarted after a
+    failure (on another node if its own is gone: the node affinity is soft)."""
     gpus = cluster_gpus() if use_gpu else 0
     if use_gpu and not gpus:
         log.warning("use_gpu: the Ray cluster has no GPUs; shard actors search on CPU")
     resources, threads, nodes = plan_shard_actors(len(specs), ray.nodes(), gpus)
     actor = ray.remote(ShardServer)
-    servers = [actor.options(num_cpus=resources.cpus, num_gpus=resources.gpus, max_restarts=SHARD_MAX_RESTARTS,
-                             max_task_retries=SHARD_MAX_RESTARTS,
+    servers = [actor.options(name=name, num_cpus=resources.cpus, num_gpus=resources.gpus,
+                             max_restarts=SHARD_MAX_RESTARTS, max_task_retries=SHARD_MAX_RESTARTS,
                              scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
                .remote(workdir, spec, params, bool(resources.gpus), 0, threads, local_dir, copy_key)
-               for spec, node in zip(specs, nodes)]
+               for spec, node, name in zip(specs, nodes, names)]
     # Fail here, naming the bad file, rather than at the first search.
     ray.get([s.__ray_ready__.remote() for s in servers])
     return servers

@@ -1,6 +1,6 @@
 """The memory service (one Ray actor per index shard) on a three-node cluster: it answers as the
-in-process search does, holds one shard per actor, survives a killed actor during `reco
-neighbors`, and judges evaluation near-duplicates exactly. Shard-job actors (embed, neighbours)
+in-process search does, holds one shard per actor, reaches other actors by its actors' names,
+survives a killed actor during `reco neighbors`, and judges evaluation near-duplicates exactly. Shard-job actors (embed, neighbours)
 ask for no more CPUs than one node has."""
 
 from __future__ import annotations
@@ -102,6 +102,35 @@ def test_service_is_chosen_on_several_nodes_unless_told_never(workdirs):
     finally:
         service.close()
     assert memory_service(str(workdirs[1]), IndexConfig(service="never"), use_gpu=False) is None
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class Searching:
+    """A restartable actor searching through a client it is given, as reco neighbors' searchers do."""
+
+    def __init__(self, memory: MemoryIndex):
+        self.memory = memory
+
+    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.memory.search(queries, 10, "image")
+
+
+def test_client_reaches_a_restartable_actor_without_actor_handles(workdirs, capfd):
+    """The client pickles as its actors' names: a restartable actor's constructor receives it
+    in line, not through the object store (where Ray logs an error: a restart after the
+    arguments' loss would fail), and searches through it."""
+    queries = clustered_embeddings(16, D, 23)[0]
+    service = MemoryIndex.open(str(workdirs[2]), distributed=True)
+    try:
+        capfd.readouterr()
+        searching = Searching.remote(service)
+        got = ray.get(searching.search.remote(queries), timeout=120)
+        for a, b in zip(got, service.search(queries, 10, "image")):
+            np.testing.assert_array_equal(a, b)
+        ray.kill(searching)
+        assert "constructor arguments in the object store" not in capfd.readouterr().err
+    finally:
+        service.close()
 
 
 def _shard_actors() -> dict[str, dict]:
