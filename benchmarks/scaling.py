@@ -1,8 +1,8 @@
 """Throughput of embed, index, neighbours and train by corpus size and node count, and a projection to 1B pairs.
 
     python benchmarks/scaling.py [--sizes 2000,8000,32000] [--nodes 1,2,3] [--cpus-per-node 2]
-                                 [--stages embed,index,neighbors,train] [--bare] [--record FILE]
-                                 [--write-docs]
+                                 [--stages embed,index,neighbors,train] [--bare] [--no-warm-up]
+                                 [--record FILE] [--write-docs]
 
 For each node count a `ray.cluster_utils.Cluster` of that many Ray nodes is started on
 this machine (on one small machine the nodes share its cores, so more nodes add Ray's
@@ -14,7 +14,9 @@ as a memory (no model), each stage reading the previous one's output as in `reco
 Throughput is pairs per second of the whole stage call, start-up included; at these sizes
 that is mostly start-up, so the table also gives the cost per pair added (each size's
 seconds minus the next smaller size's, over the added pairs) and, per stage, the largest
-over the smallest of those: how far from linear the stage is.
+over the smallest of those: how far from linear the stage is. Each new cluster first runs
+the stages once on the smallest size, untimed (--no-warm-up times that run too): a fresh
+cluster's first run also starts its worker processes, a cost of no particular size.
 
 With --bare, on one node, the bare libraries do index's and neighbours' work on the same
 inputs, in this process, right after the stage: autofaiss `build_index` with the key the
@@ -116,10 +118,10 @@ def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, 
     return seconds
 
 
-def run_in_tempdir(nodes: int, pairs: int, args) -> dict[str, float]:
+def run_in_tempdir(nodes: int, pairs: int, stages: list[str], args) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="reco-bench-scaling-"))
     try:
-        return run_size(root, nodes, pairs, stages_measured(args, nodes), args.model, args.d)
+        return run_size(root, nodes, pairs, stages, args.model, args.d)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -147,12 +149,18 @@ def measure(args) -> list[dict]:
             continue
         cluster = start_cluster(nodes, args.cpus_per_node)
         try:
+            if not args.no_warm_up:
+                # A fresh cluster's first run also starts its workers and fills their import
+                # caches: that cost belongs to no size, so it is paid here, untimed.
+                print(f"warm-up: {nodes} node(s), {min(args.sizes):,} pairs", flush=True)
+                run_in_tempdir(nodes, min(args.sizes), args.stages, args)
             for pairs in todo:
-                runs = [run_in_tempdir(nodes, pairs, args) for _ in range(args.repeats)]
+                runs = [run_in_tempdir(nodes, pairs, stages_measured(args, nodes), args) for _ in range(args.repeats)]
                 for stage in (name for name in runs[0] if (name, nodes, pairs) not in done):
                     seconds = median([r[stage] for r in runs])
                     rows.append({"stage": stage, "nodes": nodes, "pairs": pairs, "seconds": round(seconds, 2),
-                                 "pairs_per_s": round(pairs / seconds, 1), "load": load()})
+                                 "pairs_per_s": round(pairs / seconds, 1), "load": load(),
+                                 "repeats": [round(r[stage], 2) for r in runs]})
                     print(json.dumps(rows[-1]), flush=True)
                     with record.open("a") as f:
                         f.write(json.dumps(rows[-1]) + "\n")
@@ -262,7 +270,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_docs(rows: list[dict], args) -> None:
     section = (f"{BEGIN}\nMeasured by `python benchmarks/scaling.py --sizes "
                f"{','.join(map(str, args.sizes))} --nodes {','.join(map(str, args.nodes))} --cpus-per-node "
-               f"{args.cpus_per_node} --repeats {args.repeats}{' --bare' * args.bare}` "
+               f"{args.cpus_per_node} --repeats {args.repeats}{' --bare' * args.bare}{' --no-warm-up' * args.no_warm_up}` "
                f"(embed model {args.model}; d={args.d} elsewhere). "
                f"All nodes share one machine of {os.cpu_count()} CPUs.\n\n{table(rows)}\n\n"
                f"Cost per pair, start-up taken out (each size's seconds minus the next smaller size's, "
@@ -292,6 +300,8 @@ def main() -> None:
     p.add_argument("--d", type=int, default=512, help="width of the synthetic embeddings")
     p.add_argument("--bare", action="store_true", help="on one node, also time the bare libraries' index "
                    "and neighbour work on the same inputs")
+    p.add_argument("--no-warm-up", action="store_true", help="time each cluster's first run too (by default "
+                   "each new cluster first runs the stages once, untimed, on the smallest size)")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--record", default=str(Path(tempfile.gettempdir()) / "reco-scaling.jsonl"),
                    help="JSON lines of measured rows: appended to as it goes, re-used by the next run")
