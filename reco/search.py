@@ -205,13 +205,14 @@ CALL_ATTEMPTS = 3
 class MemoryIndex:
     """The searchable memory: sharded image and text indices plus embedding lookup by id.
 
-    A distributed one (the memory service's client) pickles as its actors' names, so it can
-    be passed to other Ray actors; only the process that opened it stops the service."""
+    A distributed one (the memory service's client) pickles as its actors' names and its id
+    map, so it can be passed to other Ray actors, at a size that does not grow with the
+    memory; `manifests` stays in the process that opened it, which alone stops the service."""
 
     def __init__(self, workdir: str, manifests: dict[str, IndexManifest], servers: list,
                  distributed: bool, names: list[str] | None = None):
         self.workdir = workdir
-        self.manifests = manifests
+        self.manifests: dict[str, IndexManifest] | None = manifests
         self.d = manifests["image"].d
         self.ntotal = manifests["image"].total_rows
         """Memory pairs covered: ids 0..ntotal-1."""
@@ -220,11 +221,13 @@ class MemoryIndex:
         self._names = names
         self._namespace = ray.get_runtime_context().namespace if distributed else None
         self._owns_service = distributed
-        # Which server holds an id: one entry per memory shard, sorted by id_start.
-        covered = [(c.id_start, j) for j, s in enumerate(manifests["image"].shards) for c in s.memory_shards]
-        covered.sort()
-        self._starts = np.array([c[0] for c in covered], dtype=np.int64)
-        self._owner = np.array([c[1] for c in covered], dtype=np.int64)
+        # Which server holds an id: the first id of each run of memory shards on one server,
+        # in id order (a fresh build's runs are contiguous: one per index shard, however many
+        # memory shards there are).
+        covered = sorted((c.id_start, j) for j, s in enumerate(manifests["image"].shards) for c in s.memory_shards)
+        runs = [c for i, c in enumerate(covered) if i == 0 or c[1] != covered[i - 1][1]]
+        self._starts = np.array([c[0] for c in runs], dtype=np.int64)
+        self._owner = np.array([c[1] for c in runs], dtype=np.int64)
 
     def __getstate__(self) -> dict:
         if not self.distributed:
@@ -232,8 +235,9 @@ class MemoryIndex:
                             "passed to another; open it with distributed=True (the memory service)")
         # Names, not actor handles: an actor handle in a restartable actor's constructor
         # arguments puts them in the object store, from which a restart after their node's
-        # loss could not read them (Ray logs an error for it: ray-project/ray#53727).
-        return {**self.__dict__, "_servers": None, "_owns_service": False}
+        # loss could not read them (Ray logs an error for it: ray-project/ray#53727). No
+        # manifests: at 1B pairs they list 100k memory shards, tens of MB per receiver.
+        return {**self.__dict__, "manifests": None, "_servers": None, "_owns_service": False}
 
     @property
     def servers(self) -> list:

@@ -6,6 +6,7 @@ ask for no more CPUs than one node has."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
@@ -131,6 +132,24 @@ def test_client_reaches_a_restartable_actor_without_actor_handles(workdirs, capf
         assert "constructor arguments in the object store" not in capfd.readouterr().err
     finally:
         service.close()
+
+
+def test_client_does_not_grow_with_the_memorys_shards(workdirs, pairs, tmp_path):
+    """Other actors receive the shard actors' names and one id range per run of memory shards
+    on one actor: the same bytes for a memory of 6 shards as of 30, routing every id."""
+    fine = tmp_path / "fine"
+    write_memory(fine, *pairs, shard_rows=SHARD_ROWS // 5)
+    build_index(make_config(fine, index={"key": "IVF16,Flat", "index_param": "nprobe=4", "shards": 2}))
+    ids = np.arange(0, N, 7)
+    sizes = []
+    for workdir in (workdirs[2], fine):
+        service = MemoryIndex.open(str(workdir), distributed=True)
+        try:
+            sizes.append(len(pickle.dumps(service)) - len(str(workdir)))  # the paths differ in length
+            np.testing.assert_array_equal(pickle.loads(pickle.dumps(service)).fetch(ids, "image"), f16(pairs[0])[ids])
+        finally:
+            service.close()
+    assert sizes[0] == sizes[1]
 
 
 def _shard_actors() -> dict[str, dict]:
