@@ -31,7 +31,7 @@ from tqdm import tqdm
 from reco import storage
 from reco.cluster import cluster_cpus, init_ray
 from reco.config import ConfigError, DownloadConfig, RecoConfig
-from reco.errors import RecoError
+from reco.errors import RecoError, shards_failed_message
 from reco.contracts import CORPUS_DIR, MANIFEST, CorpusManifest
 from reco.depends import stage_depends
 
@@ -183,13 +183,19 @@ def _make_downloader(d: DownloadConfig, staging: str, column_list: list[str]) ->
 
 @ray.remote(num_cpus=1, max_retries=0)  # retried by the driver, up to download.max_shard_retry
 def _download_shard(downloader: Downloader, shard_id: int, feather: str, out_dir: str) -> dict:
-    """Download one shard into staging, then move it into `out_dir`, stats file last."""
-    downloader.download_shard((shard_id, feather))
+    """Download one shard into staging, then move it into `out_dir`, stats file last.
+
+    img2dataset deletes the input shard (`feather`) once the download is done, so a retry
+    after a failure in the move moves what the earlier attempt staged instead of downloading."""
+    feather_fs, feather_path = storage.filesystem(feather)
+    if feather_fs.exists(feather_path):
+        downloader.download_shard((shard_id, feather))
     fs, staging = storage.filesystem(downloader.output_folder)
     _, out_path = storage.filesystem(out_dir)
     name = shard_name(shard_id)
     for suffix in (".tar", ".parquet", STATS_SUFFIX):
-        fs.mv(f"{staging}/{name}{suffix}", f"{out_path}/{name}{suffix}")
+        if fs.exists(f"{staging}/{name}{suffix}"):  # not moved by an earlier attempt
+            fs.mv(f"{staging}/{name}{suffix}", f"{out_path}/{name}{suffix}")
     return storage.read_json(storage.join(out_dir, name + STATS_SUFFIX))
 
 
@@ -236,15 +242,24 @@ def _download_pending(cfg: RecoConfig, out_dir: str, pending: list[int], done: s
                     log.warning("shard %s failed (%s); retrying", shard_name(shard_id), err)
                     retry.append((shard_id, feather, attempt + 1))
                 else:
-                    failed[shard_id] = str(err).splitlines()[0]
+                    failed[shard_id] = _task_error(err)
                 continue
             totals.update(count=stats["count"], successes=stats["successes"])
             bar.update(1)
             bar.set_postfix(images=totals["count"], ok=totals["successes"])
     if failed:
-        shown = "; ".join(f"{shard_name(i)}: {e}" for i, e in sorted(failed.items())[:5])
-        raise DownloadError(f"{len(failed)} shards failed after {d.max_shard_retry} retries ({shown}). "
-                            "Re-run the same command to retry them; finished shards are kept.")
+        raise DownloadError(shards_failed_message(
+            f"download (each shard tried {d.max_shard_retry + 1} times)",
+            [f"{shard_name(i)}: {e}" for i, e in sorted(failed.items())], len(pending)))
+
+
+def _task_error(err: ray.exceptions.RayError) -> str:
+    """What went wrong in a shard task, in one line: the task's own exception where Ray
+    wrapped one (the first line of Ray's text is only the task's name and pid)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    return str(err).splitlines()[0]
 
 
 def _reason(message: str) -> str:

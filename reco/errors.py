@@ -7,3 +7,15 @@ class RecoError(Exception):
 
 class ConfigError(RecoError, ValueError):
     """A configuration that cannot be run; the message names the key and the fix."""
+
+
+FAILURES_SHOWN = 5
+
+
+def shards_failed_message(desc: str, failures: list[str], total: int) -> str:
+    """For a stage whose other shards are done and kept: how many of `total` failed, the
+    first few `failures` (one line each), and what to do."""
+    shown = "\n  ".join(failures[:FAILURES_SHOWN])
+    more = f"\n  and {len(failures) - FAILURES_SHOWN} more" if len(failures) > FAILURES_SHOWN else ""
+    return (f"{desc}: {len(failures)} of {total} shards failed ({total - len(failures)} done); "
+            f"re-run the same command to retry them:\n  {shown}{more}")

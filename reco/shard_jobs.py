@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from reco import storage
 from reco.cluster import cluster_cpus, cluster_gpus, largest_node_cpus
-from reco.errors import RecoError
+from reco.errors import RecoError, shards_failed_message
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ Record = TypeVar("Record")
 Result = TypeVar("Result", bound=BaseModel)
 
 CLOSE_TIMEOUT_S = 30
-FAILURES_SHOWN = 5
 
 
 def find_finished(folder: str, names: list[str], record: Callable[[str], Record | None]) -> dict[str, Record | None]:
@@ -179,7 +178,4 @@ def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kw
         for a in actors:
             ray.kill(a)
     if failures:
-        shown = "\n  ".join(failures[:FAILURES_SHOWN])
-        more = f"\n  and {len(failures) - FAILURES_SHOWN} more" if len(failures) > FAILURES_SHOWN else ""
-        raise ShardJobsFailed(f"{desc}: {len(failures)} of {len(jobs)} shards failed ({len(jobs) - len(failures)} "
-                              f"done); re-run the same command to retry them:\n  {shown}{more}")
+        raise ShardJobsFailed(shards_failed_message(desc, failures, len(jobs)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 import ray
 
 from evaluation.datasets import prepare_dataset
-from pipeline.download import CorpusManifest, download
+from pipeline.download import CorpusManifest, DownloadError, download
 from pipeline.embed import embed
 from reco.cli import main as cli_main
 from reco.config import ConfigError
@@ -198,6 +199,29 @@ def test_interrupted_download_resumes_missing_shards_only(server, tmp_path):
     assert refetched and not refetched & done
     assert {p: p.stat().st_mtime_ns for p in finished} == finished
     assert len(corpus_samples(str(out))) == 95
+
+
+def test_a_shard_that_cannot_be_finished_fails_alone(server, tmp_path):
+    """A shard whose stats file cannot land in the output (a folder holds its name): the other
+    shards are finished and kept, no manifest is written, and the error names the shard, its
+    cause and the fix."""
+    start_local_ray()
+    urls = write_url_list(str(tmp_path / "urls.parquet"), server, broken_share=0, n=3 * SHARD, seed=3)
+    out = tmp_path / "work" / "corpus"
+    (out / "00001_stats.json").mkdir(parents=True)
+    cfg = make_config(tmp_path / "work", download={**DOWNLOAD, "url_list": urls.path, "max_shard_retry": 1})
+    with pytest.raises(DownloadError) as failed:
+        download(cfg)
+    assert str(failed.value).startswith("download (each shard tried 2 times): 1 of 3 shards failed (2 done); "
+                                        "re-run the same command to retry them:\n  00001: IsADirectoryError: ")
+    assert not (out / "_manifest.json").exists()
+    finished = sorted(p.name for p in out.glob("*_stats.json") if p.is_file())
+    assert finished == ["00000_stats.json", "00002_stats.json"]
+    # The cause gone, the same command fetches that shard only.
+    shutil.rmtree(out / "00001_stats.json")
+    server.requests.clear()
+    assert download(cfg).successes == 3 * SHARD
+    assert {int(p.rsplit("/", 1)[1].split(".")[0]) // SHARD for p in server.requests} == {1}
 
 
 def test_folder_of_csv_files(server, tmp_path):
