@@ -270,7 +270,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_docs(rows: list[dict], args) -> None:
     section = (f"{BEGIN}\nMeasured by `python benchmarks/scaling.py --sizes "
                f"{','.join(map(str, args.sizes))} --nodes {','.join(map(str, args.nodes))} --cpus-per-node "
-               f"{args.cpus_per_node} --repeats {args.repeats}{' --bare' * args.bare}{' --no-warm-up' * args.no_warm_up}` "
+               f"{args.cpus_per_node} --repeats {args.repeats}{' --bare' * args.bare}"
+               f"{' --no-warm-up' * args.no_warm_up}` "
                f"(embed model {args.model}; d={args.d} elsewhere). "
                f"All nodes share one machine of {os.cpu_count()} CPUs.\n\n{table(rows)}\n\n"
                f"Cost per pair, start-up taken out (each size's seconds minus the next smaller size's, "

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from reco import storage
 from reco.cluster import cluster_cpus, init_ray
 from reco.config import ConfigError, DownloadConfig, RecoConfig
-from reco.errors import RecoError, shards_failed_message
+from reco.errors import RecoError, raised_in_task, shards_failed_message
 from reco.contracts import CORPUS_DIR, MANIFEST, CorpusManifest
 from reco.depends import stage_depends
 
@@ -256,10 +256,8 @@ def _download_pending(cfg: RecoConfig, out_dir: str, pending: list[int], done: s
 def _task_error(err: ray.exceptions.RayError) -> str:
     """What went wrong in a shard task, in one line: the task's own exception where Ray
     wrapped one (the first line of Ray's text is only the task's name and pid)."""
-    cause = getattr(err, "cause", None)
-    if isinstance(cause, BaseException):
-        return f"{type(cause).__name__}: {cause}".splitlines()[0]
-    return str(err).splitlines()[0]
+    cause = raised_in_task(err)
+    return (str(err) if cause is err else f"{type(cause).__name__}: {cause}").splitlines()[0]
 
 
 def _reason(message: str) -> str:

@@ -9,6 +9,14 @@ class ConfigError(RecoError, ValueError):
     """A configuration that cannot be run; the message names the key and the fix."""
 
 
+def raised_in_task(err: BaseException) -> BaseException:
+    """The exception a Ray task or actor call raised: Ray re-raises it wrapped (an instance of
+    the original's class too, where it can be), with its text the whole remote traceback and
+    the original as `cause`."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
 FAILURES_SHOWN = 5
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from reco import storage
 from reco.cluster import cluster_cpus, cluster_gpus, largest_node_cpus
-from reco.errors import RecoError, shards_failed_message
+from reco.errors import RecoError, raised_in_task, shards_failed_message
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,6 @@ class ShardJobsFailed(RecoError):
     """Some jobs failed with an error the user can act on; the others finished and are kept."""
 
 
-def _message(err: RecoError) -> str:
-    """A RecoError's own message: Ray raises an actor call's error as an instance of its
-    class too, whose text is the whole remote traceback; `cause` is the original."""
-    return str(getattr(err, "cause", err))
-
-
 def check_started(actors: list, desc: str) -> None:
     """Wait for every actor's start; raise the first `RecoError` a start raised, with how
     many actors could not start. Every actor's answer is read, so that Ray reports none of
@@ -132,7 +126,7 @@ def check_started(actors: list, desc: str) -> None:
         try:
             ray.get(started)
         except ActorStartFailed as err:
-            errors.append(_message(err))
+            errors.append(str(raised_in_task(err)))
     if errors:
         raise RecoError(f"{desc}: {len(errors)} of {len(actors)} actors could not start: {errors[0]}")
 
@@ -165,7 +159,7 @@ def run_shard_jobs(jobs: list[dict[str, str]], actor: type[ShardActor], actor_kw
                 try:
                     record_json = pool.get_next_unordered()
                 except RecoError as err:
-                    failures.append(_message(err))
+                    failures.append(str(raised_in_task(err)))
                     log.warning("%s: %s", desc, failures[-1])
                     continue
                 record = record_type.model_validate_json(record_json)

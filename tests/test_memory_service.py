@@ -1,7 +1,7 @@
 """The memory service (one Ray actor per index shard) on a three-node cluster: it answers as the
 in-process search does, holds one shard per actor, reaches other actors by its actors' names,
-survives a killed actor during `reco neighbors`, and judges evaluation near-duplicates exactly. Shard-job actors (embed, neighbours)
-ask for no more CPUs than one node has."""
+survives a killed actor during `reco neighbors`, and judges evaluation near-duplicates exactly.
+Shard-job actors (embed, neighbours) ask for no more CPUs than one node has."""
 
 from __future__ import annotations
 
