@@ -38,10 +38,10 @@ from reco.contracts import IndexManifest, embeddings_to_numpy, index_folder, wri
 OTHER = {"image": "text", "text": "image"}
 
 
-def bare(workdir: str, k: int) -> None:
-    """Bare faiss search + numpy gather of every memory pair, both modalities."""
-    memory = Path(workdir) / "memory"
-    tables = [pq.read_table(p) for p in sorted(memory.glob("part-*.parquet"))]
+def bare(workdir: str, k: int, queries: str | None = None) -> None:
+    """Bare faiss search + numpy gather of every pair of `queries` (a memory-format folder;
+    default the memory itself), both modalities."""
+    tables = [pq.read_table(p) for p in sorted(Path(queries or Path(workdir) / "memory").glob("part-*.parquet"))]
     queries = {m: np.concatenate([embeddings_to_numpy(t[f"{m}_embedding"]) for t in tables]) for m in OTHER}
     index, rows = {}, {}
     for m in OTHER:

@@ -1,7 +1,8 @@
 """Throughput of embed, index, neighbours and train by corpus size and node count, and a projection to 1B pairs.
 
     python benchmarks/scaling.py [--sizes 2000,8000,32000] [--nodes 1,2,3] [--cpus-per-node 2]
-                                 [--stages embed,index,neighbors,train] [--bare] [--no-warm-up]
+                                 [--stages embed,index,neighbors,train] [--fixed-memory] [--bare]
+                                 [--no-warm-up]
                                  [--record FILE] [--write-docs]
 
 For each node count a `ray.cluster_utils.Cluster` of that many Ray nodes is started on
@@ -17,6 +18,14 @@ seconds minus the next smaller size's, over the added pairs) and, per stage, the
 over the smallest of those: how far from linear the stage is. Each new cluster first runs
 the stages once on the smallest size, untimed (--no-warm-up times that run too): a fresh
 cluster's first run also starts its worker processes, a cost of no particular size.
+
+Neighbours search as many queries as the memory holds pairs, and an ANN search's cost per
+query grows with the memory it searches (autofaiss picks more and longer IVF lists for a
+larger one). With --fixed-memory the stage is also timed against one memory of the
+largest size (built once per cluster, untimed), with queries of each size drawn from the
+same distribution (`neighbors.input`): its row, "neighbors, fixed memory", tells the
+stage's own linearity in queries, which is how it scales when the training split grows
+and the memory does not.
 
 With --bare, on one node, the bare libraries do index's and neighbours' work on the same
 inputs, in this process, right after the stage: autofaiss `build_index` with the key the
@@ -51,13 +60,15 @@ from indexing.build import build_index  # noqa: E402
 from indexing.neighbors import neighbors  # noqa: E402
 from pipeline.embed import embed  # noqa: E402
 from reco.config import RecoConfig, config_from_dict  # noqa: E402
-from reco.contracts import MEMORY_DIR, IndexManifest, index_folder, write_memory  # noqa: E402
+from reco.contracts import (MEMORY_DIR, IndexManifest, MemoryManifest, index_folder, neighbors_folder,  # noqa: E402
+                            write_memory)
 from reco.demo import synthetic  # noqa: E402
 from training.train import train  # noqa: E402
 
 STAGES = ("embed", "index", "neighbors", "train")
-BARE = {"index": "index, bare autofaiss", "neighbors": "neighbors, bare faiss"}
-ORDER = ("embed", "index", BARE["index"], "neighbors", BARE["neighbors"], "train")  # of the tables' rows
+FIXED = "neighbors, fixed memory"
+BARE = {"index": "index, bare autofaiss", "neighbors": "neighbors, bare faiss", FIXED: f"{FIXED}, bare faiss"}
+ORDER = ("embed", "index", BARE["index"], "neighbors", BARE["neighbors"], FIXED, BARE[FIXED], "train")  # rows
 DOC = ROOT / "docs" / "performance.md"
 PLOT = ROOT / "docs" / "performance.png"
 BEGIN, END = "<!-- scaling:begin (benchmarks/scaling.py --write-docs) -->", "<!-- scaling:end -->"
@@ -77,32 +88,52 @@ PER_GPU = {
 }
 
 
-def stage_config(work: Path, nodes: int, model: str) -> RecoConfig:
+def stage_config(work: Path, nodes: int, model: str, queries: Path | None = None) -> RecoConfig:
     """One actor, index shard or worker per node; small batches for small corpora (training's
-    a multiple of the workers, as it must split evenly)."""
+    a multiple of the workers, as it must split evenly). With `queries`, neighbours search
+    that memory-format folder's pairs, into the split "queries"."""
+    searched = {"input": str(queries), "split": "queries"} if queries else {}
     return config_from_dict({
         "workdir": str(work),
         "model": {"name": model},
         "embed": {"input": str(work / "corpus"), "batch_size": 64, "num_actors": nodes},
         "index": {"shards": nodes},
-        "neighbors": {"num_actors": nodes},
+        "neighbors": {"num_actors": nodes, **searched},
         "train": {"num_workers": nodes, "batch_size": 256 - 256 % nodes, "epochs": 1, "warmup_steps": 10,
                   "checkpoint_every": 10**6, "log_every": 10**6},
     })
 
 
-def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, d: int) -> dict[str, float]:
+def clusters(pairs: int) -> int:
+    return max(8, pairs // 100)
+
+
+def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, d: int,
+             fixed: Path | None = None) -> dict[str, float]:
     """Seconds of each of `stages` on `pairs` synthetic pairs (a bare library's row right
-    after its stage's)."""
+    after its stage's); `fixed` is the workdir of the indexed memory that FIXED searches."""
     seconds: dict[str, float] = {}
     shard_rows = max(100, pairs // 8)  # 8 shards at every size: work for up to 8 actors or index shards
     if "embed" in stages:
         work = root / f"embed-{nodes}-{pairs}"
         synthetic.write_webdataset(synthetic.make_samples(pairs, seed=3), str(work / "corpus"), shard_rows)
         seconds["embed"] = timed(lambda: embed(stage_config(work, nodes, model)))
+    if FIXED in stages:
+        queries = root / "queries"
+        memory_rows = MemoryManifest.read(str(fixed / MEMORY_DIR)).total_rows
+        # the memory's cluster centres (they depend only on their number), other draws
+        write_memory(str(queries), *synthetic.clustered_embeddings(pairs, d, seed=5, clusters=clusters(memory_rows)),
+                     shard_rows=shard_rows)
+        cfg = stage_config(fixed, nodes, model, queries)
+        seconds[FIXED] = timed(lambda: neighbors(cfg))
+        shutil.rmtree(neighbors_folder(str(fixed), "queries", cfg.neighbors.search))  # the next run searches anew
+        if BARE[FIXED] in stages:
+            seconds[BARE[FIXED]] = timed(lambda: bare_search(str(fixed), cfg.neighbors.k, str(queries)))
+    if not {"index", "neighbors", "train"} & set(stages):
+        return seconds
     work = root / f"memory-{nodes}-{pairs}"
     cfg = stage_config(work, nodes, model)
-    image, text = synthetic.clustered_embeddings(pairs, d, seed=4, clusters=max(8, pairs // 100))
+    image, text = synthetic.clustered_embeddings(pairs, d, seed=4, clusters=clusters(pairs))
     write_memory(cfg.path(MEMORY_DIR), image, text, shard_rows=shard_rows)
     for stage, fn in (("index", build_index), ("neighbors", neighbors), ("train", train)):
         if stage not in stages:
@@ -118,12 +149,21 @@ def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, 
     return seconds
 
 
-def run_in_tempdir(nodes: int, pairs: int, stages: list[str], args) -> dict[str, float]:
+def run_in_tempdir(nodes: int, pairs: int, stages: list[str], args, fixed: Path | None = None) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="reco-bench-scaling-"))
     try:
-        return run_size(root, nodes, pairs, stages, args.model, args.d)
+        return run_size(root, nodes, pairs, stages, args.model, args.d, fixed)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def fixed_memory(root: Path, nodes: int, pairs: int, args) -> Path:
+    """The workdir of an indexed memory of `pairs` pairs, for FIXED's queries to search."""
+    cfg = stage_config(root, nodes, args.model)
+    image, text = synthetic.clustered_embeddings(pairs, args.d, seed=4, clusters=clusters(pairs))
+    write_memory(cfg.path(MEMORY_DIR), image, text, shard_rows=max(100, pairs // 8))
+    build_index(cfg)
+    return root
 
 
 def start_cluster(nodes: int, cpus: int) -> Cluster:
@@ -148,14 +188,17 @@ def measure(args) -> list[dict]:
         if not todo:
             continue
         cluster = start_cluster(nodes, args.cpus_per_node)
+        fixed_root = Path(tempfile.mkdtemp(prefix="reco-bench-scaling-fixed-"))
         try:
+            stages = stages_measured(args, nodes)
+            fixed = fixed_memory(fixed_root, nodes, max(args.sizes), args) if FIXED in stages else None
             if not args.no_warm_up:
                 # A fresh cluster's first run also starts its workers and fills their import
                 # caches: that cost belongs to no size, so it is paid here, untimed.
                 print(f"warm-up: {nodes} node(s), {min(args.sizes):,} pairs", flush=True)
-                run_in_tempdir(nodes, min(args.sizes), args.stages, args)
+                run_in_tempdir(nodes, min(args.sizes), [s for s in stages if s not in BARE.values()], args, fixed)
             for pairs in todo:
-                runs = [run_in_tempdir(nodes, pairs, stages_measured(args, nodes), args) for _ in range(args.repeats)]
+                runs = [run_in_tempdir(nodes, pairs, stages, args, fixed) for _ in range(args.repeats)]
                 for stage in (name for name in runs[0] if (name, nodes, pairs) not in done):
                     seconds = median([r[stage] for r in runs])
                     rows.append({"stage": stage, "nodes": nodes, "pairs": pairs, "seconds": round(seconds, 2),
@@ -168,14 +211,17 @@ def measure(args) -> list[dict]:
             ray.shutdown()
             cluster.shutdown()
             os.environ.pop("RAY_ADDRESS")
+            shutil.rmtree(fixed_root, ignore_errors=True)
     wanted = {(s, n, p) for n in args.nodes for s in stages_measured(args, n) for p in args.sizes}
     return sorted((r for r in rows if (r["stage"], r["nodes"], r["pairs"]) in wanted),
                   key=lambda r: (ORDER.index(r["stage"]), r["nodes"], r["pairs"]))
 
 
 def stages_measured(args, nodes: int) -> list[str]:
-    """The stages asked for, and on one node with --bare their bare libraries' rows."""
-    return args.stages + [BARE[s] for s in args.stages if s in BARE and args.bare and nodes == 1]
+    """The stages asked for (with --fixed-memory FIXED too), and on one node with --bare
+    their bare libraries' rows."""
+    stages = args.stages + [FIXED] * args.fixed_memory
+    return stages + [BARE[s] for s in stages if s in BARE and args.bare and nodes == 1]
 
 
 def marginal_ms(rows: list[dict]) -> dict[tuple[str, int, int], float]:
@@ -257,6 +303,10 @@ def plot(rows: list[dict], path: Path) -> None:
         bare = sorted((r["pairs"], r["pairs_per_s"]) for r in rows if r["stage"] == BARE.get(stage))
         if bare:
             ax.plot(*zip(*bare), marker="o", linestyle="--", color="black", label=BARE[stage].split(", ")[1])
+        if stage == "neighbors":
+            for nodes in sorted({r["nodes"] for r in rows if r["stage"] == FIXED}):
+                pts = sorted((r["pairs"], r["pairs_per_s"]) for r in rows if (r["stage"], r["nodes"]) == (FIXED, nodes))
+                ax.plot(*zip(*pts), marker="s", linestyle=":", label=f"{nodes} node{'s' * (nodes > 1)}, memory fixed")
         ax.set(title=stage, xscale="log", xlabel="pairs", ylabel="pairs/s (whole stage)")
         sizes = sorted({r["pairs"] for r in rows})
         ax.minorticks_off()
@@ -270,7 +320,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_docs(rows: list[dict], args) -> None:
     section = (f"{BEGIN}\nMeasured by `python benchmarks/scaling.py --sizes "
                f"{','.join(map(str, args.sizes))} --nodes {','.join(map(str, args.nodes))} --cpus-per-node "
-               f"{args.cpus_per_node} --repeats {args.repeats}{' --bare' * args.bare}"
+               f"{args.cpus_per_node} --repeats {args.repeats}{' --fixed-memory' * args.fixed_memory}"
+               f"{' --bare' * args.bare}"
                f"{' --no-warm-up' * args.no_warm_up}` "
                f"(embed model {args.model}; d={args.d} elsewhere). "
                f"All nodes share one machine of {os.cpu_count()} CPUs.\n\n{table(rows)}\n\n"
@@ -286,7 +337,7 @@ def write_docs(rows: list[dict], args) -> None:
 def scaling_line(rows: list[dict]) -> str:
     most, largest = max(r["nodes"] for r in rows), max(r["pairs"] for r in rows)
     rate = {(r["stage"], r["nodes"]): r["pairs_per_s"] for r in rows if r["pairs"] == largest}
-    parts = [f"{s} {rate[s, most] / rate[s, 1]:.2f}" for s in STAGES if (s, 1) in rate and (s, most) in rate]
+    parts = [f"{s} {rate[s, most] / rate[s, 1]:.2f}" for s in (*STAGES, FIXED) if (s, 1) in rate and (s, most) in rate]
     return f"scaling {most} nodes / 1 node at {largest:,} pairs: " + ", ".join(parts)
 
 
@@ -296,9 +347,13 @@ def main() -> None:
     p.add_argument("--sizes", type=ints, default=[2000, 8000, 32000])
     p.add_argument("--nodes", type=ints, default=[1, 2, 3])
     p.add_argument("--cpus-per-node", type=int, default=2)
-    p.add_argument("--stages", type=lambda t: t.split(","), default=list(STAGES))
+    p.add_argument("--stages", type=lambda t: [s for s in t.split(",") if s], default=list(STAGES),
+                   help="of embed,index,neighbors,train (neighbors and train need index); '' with --fixed-memory "
+                   "times that row alone")
     p.add_argument("--model", default="reco-tiny")
     p.add_argument("--d", type=int, default=512, help="width of the synthetic embeddings")
+    p.add_argument("--fixed-memory", action="store_true", help="also time neighbours of each size's queries "
+                   "against one memory of the largest size")
     p.add_argument("--bare", action="store_true", help="on one node, also time the bare libraries' index "
                    "and neighbour work on the same inputs")
     p.add_argument("--no-warm-up", action="store_true", help="time each cluster's first run too (by default "
@@ -307,6 +362,11 @@ def main() -> None:
     p.add_argument("--record", default=str(Path(tempfile.gettempdir()) / "reco-scaling.jsonl"),
                    help="JSON lines of measured rows: appended to as it goes, re-used by the next run")
     args = p.parse_args()
+    if set(args.stages) - set(STAGES) or ({"neighbors", "train"} & set(args.stages) and "index" not in args.stages):
+        p.error(f"--stages {','.join(args.stages)}: name some of {','.join(STAGES)}, with index where neighbors "
+                "or train is (it writes their input)")
+    if not args.stages and not args.fixed_memory:
+        p.error("nothing to measure: name --stages or --fixed-memory")
     rows = measure(args)
     if args.write_docs:
         write_docs(rows, args)
