@@ -38,7 +38,9 @@ QUIET_LEVELS = {
     "faiss": logging.WARNING,
     "autofaiss": logging.WARNING,
 }
-QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
+# Serve's controller, proxy and replicas log to their files under the session's logs/serve/
+# only: on the console a replica that fails to start was Serve's traceback, repeated per retry.
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_SERVE_LOG_TO_STDERR": "0"}
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Lines that Ray's processes write to their log files and that the driver would print too

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 
 import fsspec
 import numpy as np
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from reco import storage
 from reco.config import Fuse, Search
 from reco.contracts import FUSION_META, FUSION_WEIGHTS
+from reco.errors import ConfigError
 
 INIT_TEMPERATURE = 0.07
 """CLIP's initial temperature; the logit scale is learnt from log(1/0.07)."""
@@ -107,14 +109,33 @@ def load_fusion(model_dir: str) -> tuple[RecoFusion, dict]:
     search) and the full config that trained them."""
     meta_url = storage.join(model_dir, FUSION_META)
     if not storage.exists(meta_url):
-        raise FileNotFoundError(f"{model_dir} holds no finished fusion model ({FUSION_META} missing); "
-                                "run `reco train` first")
+        raise ConfigError(f"{model_dir} holds no finished fusion model ({FUSION_META} missing); "
+                          "run `reco train` first")
     meta = storage.read_json(meta_url)
     model = RecoFusion(meta["d"], meta["heads"], meta["mlp_ratio"], meta.get("fuse", "cross"),
                        meta.get("neighbors", {}).get("search", "uni"))
-    with fsspec.open(storage.join(model_dir, FUSION_WEIGHTS), "rb") as f:
-        model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+    weights = storage.join(model_dir, FUSION_WEIGHTS)
+    if problem := _load_weights(model, weights, meta["d"]):
+        raise ConfigError(f"{weights}: the fusion weights {problem}; remove {model_dir} and re-run "
+                          "`reco train` to write them again")
     return model.eval(), meta
+
+
+def _load_weights(model: RecoFusion, url: str, d: int) -> str | None:
+    """Load `url` into `model`; what is wrong with the file where it cannot be (torch's own
+    message for a bad file suggests `weights_only=False`, which would run its code)."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return "are missing"
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError):
+        return "are not a readable PyTorch checkpoint (cut short, or another file)"
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, AttributeError, TypeError):
+        return f"are not a d={d} fusion model's tensors"
+    return None
 
 
 def refine(module: torch.nn.Module, queries: np.ndarray, retrieved: np.ndarray | None,

@@ -23,6 +23,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -39,6 +40,7 @@ from starlette.responses import JSONResponse
 from reco.api import InputError, check_workdir, load
 from reco.cluster import init_ray
 from reco.config import ConfigError, RecoConfig, ServeConfig
+from reco.errors import RecoError
 from reco.malloc import keep_freed_memory
 from reco.search import MemoryIndex, memory_service
 
@@ -255,11 +257,31 @@ def start(cfg: RecoConfig) -> Serving:
     try:
         check_room(cfg, sharing=serving.memory is not None)
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        serve.run(build_app(cfg, serving.memory), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(build_app(cfg, serving.memory), name=APP_NAME, route_prefix="/")
+        except RuntimeError:  # Serve gave up on the replicas' constructor (it retries a few times)
+            raise ReplicaError(f"serve: the replicas could not start: {replica_failure()}") from None
     except BaseException:
         serving.stop()
         raise
     return serving
+
+
+class ReplicaError(RecoError):
+    """Every replica failed to load the model; Serve stopped retrying."""
+
+
+def replica_failure() -> str:
+    """Why Serve gave up on the replicas: the exception their constructor raised, from the
+    deployment's status (the application's says only that it failed), module path dropped."""
+    app = serve.status().applications.get(APP_NAME)
+    message = "\n".join(d.message for d in app.deployments.values()) if app else ""
+    lines = message.strip().splitlines()
+    # The traceback's last line naming an exception starts the error's (maybe multi-line) text.
+    starts = [i for i, line in enumerate(lines) if re.match(r"[\w.]*(Error|Exception)\w*: ", line)]
+    if not starts:
+        return lines[-1] if lines else "no reason given (see the Serve controller's log)"
+    return re.sub(r"^(\w+\.)+(?=\w+: )", "", "\n".join(lines[starts[-1]:]))
 
 
 class Terminated(Exception):

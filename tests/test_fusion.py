@@ -3,10 +3,14 @@ neighbours, the mean reference, save and load."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 
+from reco.config import ConfigError
+from reco.contracts import FUSION_WEIGHTS
 from reco.fusion import FusionModule, RecoFusion, load_fusion, refine, save_fusion
 
 
@@ -52,8 +56,32 @@ def test_save_and_load_round_trip(tmp_path):
     assert got == meta and not loaded.training
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
-    with pytest.raises(FileNotFoundError, match="run `reco train` first"):
+    with pytest.raises(ConfigError, match="run `reco train` first"):
         load_fusion(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "not a checkpoint", "other keys"])
+def test_unreadable_weights_are_a_clear_error(tmp_path, damage):
+    """Weights deleted, cut short by a copy, replaced, or of another model: a ConfigError that
+    names the file and the fix, not torch's traceback."""
+    save_fusion(RecoFusion(64), {"d": 64, "heads": 8, "mlp_ratio": 4.0, "k": 10}, str(tmp_path))
+    weights = tmp_path / FUSION_WEIGHTS
+    if damage == "missing":
+        weights.unlink()
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "not a checkpoint":
+        weights.write_bytes(b"<html>not found</html>")
+    else:  # d=32's, where d=64's are expected
+        buf = io.BytesIO()
+        torch.save(RecoFusion(32).state_dict(), buf)
+        weights.write_bytes(buf.getvalue())
+    with pytest.raises(ConfigError) as err:
+        load_fusion(str(tmp_path))
+    problem = {"missing": "are missing", "other keys": "are not a d=64 fusion model's tensors"}.get(
+        damage, "are not a readable PyTorch checkpoint (cut short, or another file)")
+    assert str(err.value) == (f"{weights}: the fusion weights {problem}; remove {tmp_path} and re-run "
+                              "`reco train` to write them again")
 
 
 def test_missing_neighbours_are_masked_not_fed_as_zeros():

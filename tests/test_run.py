@@ -134,8 +134,13 @@ def test_quiet_console_settings(monkeypatch, caplog):
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
     hook = {"worker_process_setup_hook": "reco.cluster.setup_worker"}
-    assert cluster._worker_runtime_env() == {"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}, **hook}
+    quiet = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_SERVE_LOG_TO_STDERR": "0"}
+    assert cluster._worker_runtime_env() == {"env_vars": quiet, **hook}
+    # A submitted job's own values win: only what it leaves unset is added.
     job = {"env_vars": {"RAY_DATA_LOG_LEVEL": "INFO"}, "worker_process_setup_hook": "theirs.hook"}
+    monkeypatch.setenv(cluster.JOB_CONFIG_ENV, json.dumps({"runtime_env": job}))
+    assert cluster._worker_runtime_env() == {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}}
+    job["env_vars"]["RAY_SERVE_LOG_TO_STDERR"] = "1"
     monkeypatch.setenv(cluster.JOB_CONFIG_ENV, json.dumps({"runtime_env": job}))
     assert cluster._worker_runtime_env() is None
     monkeypatch.delenv(cluster.JOB_CONFIG_ENV)

@@ -7,6 +7,7 @@ per cluster, so it must not run beside tests/test_serve.py's application.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import ray
 from ray import serve
 
 from reco.config import dump_config
+from reco.contracts import FUSION_WEIGHTS, fusion_model_dir
 from tests.conftest import start_local_ray
 from tests.test_serve import free_port, live_actors, post, wait_listening
 
@@ -67,4 +69,34 @@ def test_reco_serve_stops_cleanly_on_sigterm(api_world, tmp_path):
             proc.kill()
             proc.wait()
         if live_actors("ServeController"):  # a failed run must not leave Serve to the next module
+            serve.shutdown()
+
+
+def test_replicas_that_cannot_load_the_model_are_a_clear_error(api_world, tmp_path):
+    """Fusion weights damaged after training pass the driver's checks, so every replica fails
+    in its constructor and Serve gives up after its retries: the CLI exits 2 with the
+    replica's own error, no traceback, and neither Serve nor the memory service stays up."""
+    start_local_ray()
+    workdir = tmp_path / "workdir"
+    shutil.copytree(api_world.workdir, workdir)
+    weights = Path(fusion_model_dir(str(workdir))) / FUSION_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:1000])
+    config = tmp_path / "serve.yaml"
+    config.write_text(dump_config(api_world.model_copy(update={"workdir": str(workdir)})))
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "reco.cli", "serve", str(config), f"serve.port={free_port()}",
+             "serve.replicas=2", "serve.cpus_per_replica=0.25"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.splitlines()[-1] == (
+            f"reco: error: serve: the replicas could not start: ConfigError: {weights}: the fusion weights are "
+            f"not a readable PyTorch checkpoint (cut short, or another file); remove {weights.parent} and re-run "
+            "`reco train` to write them again")
+        assert "Traceback" not in proc.stdout + proc.stderr, "Serve's log of the failure reached the console"
+        assert not gone(SERVE_ACTORS + ("ShardServer",)), "Serve or the memory service outlived `reco serve`"
+    finally:
+        if live_actors("ServeController"):
             serve.shutdown()
