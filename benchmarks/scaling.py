@@ -297,21 +297,23 @@ def plot(rows: list[dict], path: Path) -> None:
     stages = sorted({r["stage"] for r in rows if r["stage"] in STAGES}, key=STAGES.index)
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
+        colour = {}
         for nodes in sorted({r["nodes"] for r in rows}):
             pts = sorted((r["pairs"], r["pairs_per_s"]) for r in rows if r["stage"] == stage and r["nodes"] == nodes)
-            ax.plot(*zip(*pts), marker="o", label=f"{nodes} node{'s' * (nodes > 1)}")
+            colour[nodes] = ax.plot(*zip(*pts), marker="o", label=f"{nodes} node{'s' * (nodes > 1)}")[0].get_color()
         bare = sorted((r["pairs"], r["pairs_per_s"]) for r in rows if r["stage"] == BARE.get(stage))
         if bare:
             ax.plot(*zip(*bare), marker="o", linestyle="--", color="black", label=BARE[stage].split(", ")[1])
         if stage == "neighbors":
             for nodes in sorted({r["nodes"] for r in rows if r["stage"] == FIXED}):
                 pts = sorted((r["pairs"], r["pairs_per_s"]) for r in rows if (r["stage"], r["nodes"]) == (FIXED, nodes))
-                ax.plot(*zip(*pts), marker="s", linestyle=":", label=f"{nodes} node{'s' * (nodes > 1)}, memory fixed")
+                ax.plot(*zip(*pts), marker="s", linestyle=":", color=colour.get(nodes),
+                        label=f"{nodes} node{'s' * (nodes > 1)}, memory fixed")
         ax.set(title=stage, xscale="log", xlabel="pairs", ylabel="pairs/s (whole stage)")
         sizes = sorted({r["pairs"] for r in rows})
         ax.minorticks_off()
         ax.set_xticks(sizes, [f"{p:,}" for p in sizes])
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.suptitle("reco stage throughput (Ray nodes sharing one machine's cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
