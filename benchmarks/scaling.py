@@ -104,8 +104,17 @@ def stage_config(work: Path, nodes: int, model: str, queries: Path | None = None
     })
 
 
-def clusters(pairs: int) -> int:
-    return max(8, pairs // 100)
+def shard_rows(pairs: int) -> int:
+    return max(100, pairs // 8)  # 8 shards at every size: work for up to 8 actors or index shards
+
+
+def write_pairs(folder: str, pairs: int, d: int, *, seed: int = 4, centres_of: int | None = None) -> None:
+    """`pairs` clustered embedding-like pairs as a memory-format folder, around the cluster
+    centres of a corpus of `centres_of` pairs (default `pairs`; the centres depend only on
+    their number, so other seeds draw other pairs around the same centres)."""
+    centres = max(8, (centres_of or pairs) // 100)
+    write_memory(folder, *synthetic.clustered_embeddings(pairs, d, seed=seed, clusters=centres),
+                 shard_rows=shard_rows(pairs))
 
 
 def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, d: int,
@@ -113,17 +122,13 @@ def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, 
     """Seconds of each of `stages` on `pairs` synthetic pairs (a bare library's row right
     after its stage's); `fixed` is the workdir of the indexed memory that FIXED searches."""
     seconds: dict[str, float] = {}
-    shard_rows = max(100, pairs // 8)  # 8 shards at every size: work for up to 8 actors or index shards
     if "embed" in stages:
         work = root / f"embed-{nodes}-{pairs}"
-        synthetic.write_webdataset(synthetic.make_samples(pairs, seed=3), str(work / "corpus"), shard_rows)
+        synthetic.write_webdataset(synthetic.make_samples(pairs, seed=3), str(work / "corpus"), shard_rows(pairs))
         seconds["embed"] = timed(lambda: embed(stage_config(work, nodes, model)))
     if FIXED in stages:
         queries = root / "queries"
-        memory_rows = MemoryManifest.read(str(fixed / MEMORY_DIR)).total_rows
-        # the memory's cluster centres (they depend only on their number), other draws
-        write_memory(str(queries), *synthetic.clustered_embeddings(pairs, d, seed=5, clusters=clusters(memory_rows)),
-                     shard_rows=shard_rows)
+        write_pairs(str(queries), pairs, d, seed=5, centres_of=MemoryManifest.read(str(fixed / MEMORY_DIR)).total_rows)
         cfg = stage_config(fixed, nodes, model, queries)
         seconds[FIXED] = timed(lambda: neighbors(cfg))
         shutil.rmtree(neighbors_folder(str(fixed), "queries", cfg.neighbors.search))  # the next run searches anew
@@ -133,8 +138,7 @@ def run_size(root: Path, nodes: int, pairs: int, stages: list[str], model: str, 
         return seconds
     work = root / f"memory-{nodes}-{pairs}"
     cfg = stage_config(work, nodes, model)
-    image, text = synthetic.clustered_embeddings(pairs, d, seed=4, clusters=clusters(pairs))
-    write_memory(cfg.path(MEMORY_DIR), image, text, shard_rows=shard_rows)
+    write_pairs(cfg.path(MEMORY_DIR), pairs, d)
     for stage, fn in (("index", build_index), ("neighbors", neighbors), ("train", train)):
         if stage not in stages:
             continue
@@ -160,8 +164,7 @@ def run_in_tempdir(nodes: int, pairs: int, stages: list[str], args, fixed: Path 
 def fixed_memory(root: Path, nodes: int, pairs: int, args) -> Path:
     """The workdir of an indexed memory of `pairs` pairs, for FIXED's queries to search."""
     cfg = stage_config(root, nodes, args.model)
-    image, text = synthetic.clustered_embeddings(pairs, args.d, seed=4, clusters=clusters(pairs))
-    write_memory(cfg.path(MEMORY_DIR), image, text, shard_rows=max(100, pairs // 8))
+    write_pairs(cfg.path(MEMORY_DIR), pairs, args.d)
     build_index(cfg)
     return root
 

@@ -1,4 +1,5 @@
-"""`reco serve` under SIGTERM (what `ray job stop` sends): the same clean stop as Ctrl-C.
+"""`reco serve` under SIGTERM (what `ray job stop` sends): the same clean stop as Ctrl-C; and
+with replicas that cannot load the model: their own error, and nothing left running.
 
 A module of its own: the CLI joins the tests' Ray cluster (RAY_ADDRESS), where Serve is one
 per cluster, so it must not run beside tests/test_serve.py's application.
