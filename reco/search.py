@@ -10,7 +10,9 @@ spread over the cluster's nodes, each holding only its shard's files, copied to 
 node's local disk and memory-mapped; they restart after a failure, and the client (a
 `MemoryIndex`, picklable, so other Ray actors can search through it) retries a call
 that an actor's death interrupted. Search scatters each query batch to every shard and
-merges their k best by score; fetch routes each id to the shard that holds it.
+merges their k best by score; fetch routes each id to the shard that holds it. Near-duplicate
+tests are made where the embeddings are (`search_compared`): a shard returns the cosine of
+each candidate's image with the query's image, not the candidate's embedding.
 `memory_service` decides, for a stage, whether the memory calls for the service.
 
 On top of it, `retrieve` is RECO's uni-modal search with cross-modal gather (or the
@@ -178,19 +180,32 @@ class ShardServer:
                               f"{covered.rows}; re-run `reco index`")
         return array
 
-    def search(self, queries: np.ndarray, k: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.index[modality].search(queries, k)
+    def search(self, queries: np.ndarray, k: int, modality: str,
+               images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(scores, ids, and with `images` the cosine of images[i] with each found pair's image
+        embedding, -inf where no pair was found): judged here, beside the embeddings, so a
+        client gets (n, k) numbers where it would otherwise fetch (n, k, d)."""
+        scores, ids = self.index[modality].search(queries, k)
+        if images is None:
+            return scores, ids, None
+        found = ids >= 0
+        found_images = np.zeros(ids.shape + (images.shape[1],), dtype=np.float32)
+        found_images[found] = self.fetch(ids[found], "image")
+        cosines = np.einsum("nd,nkd->nk", images, found_images)
+        cosines[~found] = -np.inf
+        return scores, ids, cosines
 
     def fetch(self, ids: np.ndarray, modality: str) -> np.ndarray:
-        """Embeddings (len(ids), d) float32 of ids this shard covers."""
+        """Embeddings (len(ids), d) of ids this shard covers, in their stored dtype (float16
+        halves what the memory service sends back; the client widens them)."""
         starts, arrays = self.starts[modality], self.embeddings[modality]
         part = np.searchsorted(starts, ids, side="right") - 1
-        out = np.empty((len(ids), arrays[0].shape[1]), dtype=np.float32)
+        out = np.empty((len(ids), arrays[0].shape[1]), dtype=arrays[0].dtype)
         for p in np.unique(part):
             rows = part == p
             local = ids[rows] - starts[p]
             order = np.argsort(local)  # ascending reads from the memory map
-            gathered = np.empty((len(local), out.shape[1]), dtype=np.float32)
+            gathered = np.empty((len(local), out.shape[1]), dtype=out.dtype)
             gathered[order] = arrays[p][local[order]]
             out[rows] = gathered
         return out
@@ -304,14 +319,31 @@ class MemoryIndex:
 
     def search(self, queries: np.ndarray, k: int, modality: Modality) -> tuple[np.ndarray, np.ndarray]:
         """(scores (n,k) float32 best first, ids (n,k) int64; -1 and -inf where fewer than k exist)."""
-        self._check(modality)
+        return self._search(queries, k, modality, None)
+
+    def search_compared(self, queries: np.ndarray, k: int, modality: Modality,
+                        images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`search`, and the cosine (n,k) of images[i] with the image embedding of each pair
+        found for queries[i] (-inf where none was): the exact test for near-duplicates,
+        made by the shards that hold the embeddings."""
+        return self._search(queries, k, modality, self._queries(images))
+
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.d:
             raise ValueError(f"queries must have shape (n, {self.d}), got {queries.shape}")
-        # One copy in the object store for every shard, not one per call.
-        batch = ray.put(queries) if self.distributed else queries
-        results = self._call("search", [(j, (batch, k, modality)) for j in range(len(self.servers))])
-        return merge_results([r[0] for r in results], [r[1] for r in results], k)
+        return queries
+
+    def _search(self, queries: np.ndarray, k: int, modality: Modality, images: np.ndarray | None) -> tuple:
+        self._check(modality)
+        queries = self._queries(queries)
+        if images is not None and len(images) != len(queries):
+            raise ValueError(f"{len(images)} images for {len(queries)} queries")
+        if self.distributed:  # one copy in the object store for every shard, not one per call
+            queries, images = ray.put(queries), None if images is None else ray.put(images)
+        results = self._call("search", [(j, (queries, k, modality, images)) for j in range(len(self.servers))])
+        columns = [] if images is None else [[r[2] for r in results]]
+        return merge_results([r[0] for r in results], [r[1] for r in results], k, *columns)
 
     def fetch(self, ids: np.ndarray, modality: Modality) -> np.ndarray:
         """Embeddings of `ids` (any shape) -> ids.shape + (d,) float32; zeros where id == -1."""
@@ -366,19 +398,21 @@ def memory_service(workdir: str, index: IndexConfig, *, use_gpu: bool) -> Memory
                                       local_dir=index.local_dir)
 
 
-def merge_results(scores: list[np.ndarray], ids: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of several shards' results by inner product; ties broken by smaller id so
-    the answer does not depend on how the memory was sharded."""
+def merge_results(scores: list[np.ndarray], ids: list[np.ndarray], k: int,
+                  *columns: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The k best of several shards' results by inner product (scores, ids, and each of
+    `columns`, float32 numbers given per result, in the same order); ties broken by smaller
+    id so the answer does not depend on how the memory was sharded."""
     s = np.concatenate(scores, axis=1).astype(np.float32, copy=False)
     i = np.concatenate(ids, axis=1).astype(np.int64, copy=False)
     s = np.where(i < 0, -np.inf, s).astype(np.float32)
     order = np.lexsort((i, -s), axis=1)[:, :k]
-    s, i = np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
-    if s.shape[1] < k:  # fewer candidates than k in all shards together
-        pad = k - s.shape[1]
-        s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
-        i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
-    return s, i
+    merged = [np.take_along_axis(m, order, axis=1)
+              for m in (s, i, *(np.concatenate(c, axis=1).astype(np.float32, copy=False) for c in columns))]
+    if order.shape[1] < k:  # fewer candidates than k in all shards together
+        pad = ((0, 0), (0, k - order.shape[1]))
+        merged = [np.pad(m, pad, constant_values=-1 if m.dtype == np.int64 else -np.inf) for m in merged]
+    return tuple(merged)
 
 
 def plan_shard_actors(shards: int, nodes: list[dict], gpus: int) -> tuple[ActorResources, int, list[str]]:
@@ -426,20 +460,18 @@ def _start_actors(workdir: str, specs: list[dict], params: dict[str, str], use_g
 
 # ---------------------------------------------------------------- retrieval
 
-def _admissible(memory: MemoryIndex, cand: np.ndarray, query_images: np.ndarray | None,
-                query_ids: np.ndarray | None, exclude_ids: np.ndarray | None,
-                dedup_threshold: float) -> np.ndarray:
+def _admissible(cand: np.ndarray, image_cosines: np.ndarray | None, query_ids: np.ndarray | None,
+                exclude_ids: np.ndarray | None, dedup_threshold: float) -> np.ndarray:
     """(n, w) bool: candidates that exist, are not the query's own pair, not excluded, and
-    whose image is not a near-duplicate of the query's image (exact cosine, not the index's
-    possibly approximate score)."""
+    whose image is not a near-duplicate of the query's image (`image_cosines`: exact cosine,
+    not the index's possibly approximate score)."""
     keep = cand >= 0
     if query_ids is not None:
         keep &= cand != query_ids[:, None]
     if exclude_ids is not None and len(exclude_ids):
         keep &= ~np.isin(cand, exclude_ids)
-    if query_images is not None:
-        images = memory.fetch(np.where(keep, cand, -1), "image")
-        keep &= np.einsum("nd,nwd->nw", query_images.astype(np.float32), images) <= dedup_threshold
+    if image_cosines is not None:
+        keep &= image_cosines <= dedup_threshold
     return keep
 
 
@@ -473,9 +505,13 @@ def retrieve(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: in
     width = k + margin
     while todo.size:
         width = min(width, memory.ntotal)
-        _, cand = memory.search(queries[todo], width, searched_modality(modality, search))
-        keep = _admissible(memory, cand, None if query_images is None else query_images[todo],
-                           None if query_ids is None else query_ids[todo], exclude_ids, dedup_threshold)
+        searched = searched_modality(modality, search)
+        if query_images is None:
+            (_, cand), image_cosines = memory.search(queries[todo], width, searched), None
+        else:
+            _, cand, image_cosines = memory.search_compared(queries[todo], width, searched, query_images[todo])
+        keep = _admissible(cand, image_cosines, None if query_ids is None else query_ids[todo], exclude_ids,
+                           dedup_threshold)
         done = (keep.sum(axis=1) >= k) | (width >= memory.ntotal)
         # The admissible candidates first, each group in rank order; then the first k.
         order = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]
@@ -512,9 +548,8 @@ def _near_duplicates(memory: MemoryIndex, images: np.ndarray, threshold: float, 
     rows = np.arange(len(images))
     while rows.size:
         k = min(k, memory.ntotal)
-        scores, ids = memory.search(images[rows], k, "image")
-        cosine = np.einsum("nd,nkd->nk", images[rows], memory.fetch(ids, "image"))
-        hit = (cosine > threshold) & (ids >= 0)
+        scores, ids, cosines = memory.search_compared(images[rows], k, "image", images[rows])
+        hit = (cosines > threshold) & (ids >= 0)
         found.append(ids[hit])
         if k >= memory.ntotal:
             break

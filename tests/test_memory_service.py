@@ -84,6 +84,15 @@ def test_service_answers_as_local_search(workdirs, pairs, shards, tmp_path):
         np.testing.assert_array_equal(got[1, 2], f16(pairs[1])[1234])
         assert not got[0, 2].any()
         np.testing.assert_array_equal(service.fetch(ids, "image"), local.fetch(ids, "image"))
+        # Near-duplicate tests made by the shards: each found pair's stored image against the
+        # query's image, -inf where fewer than k pairs were found (IVF with nprobe=4 of 16 lists).
+        images = clustered_embeddings(64, D, 23)[0]
+        _, ids, cosines = service.search_compared(queries, 10, "text", images)
+        np.testing.assert_array_equal(ids, local.search(queries, 10, "text")[1])
+        np.testing.assert_allclose(cosines, np.einsum("nd,nkd->nk", images, f16(pairs[0])[ids]), rtol=1e-6, atol=1e-6)
+        _, ids, cosines = service.search_compared(queries[:2], N, "image", images[:2])
+        assert (ids == -1).any() and np.array_equal(ids == -1, cosines == -np.inf)
+        np.testing.assert_array_equal(cosines, local.search_compared(queries[:2], N, "image", images[:2])[2])
         # One shard per actor, spread over the nodes, read from copies on the local disk.
         held = shard_actor_calls(service, lambda self: (self.index["image"].ntotal, self.index["text"].ntotal))
         assert held == [(s.ntotal, s.ntotal) for s in service.manifests["text"].shards]
