@@ -239,7 +239,7 @@ def _download_pending(cfg: RecoConfig, out_dir: str, pending: list[int], done: s
                 stats = ray.get(ref)
             except ray.exceptions.RayError as err:
                 if attempt < d.max_shard_retry:
-                    log.warning("shard %s failed (%s); retrying", shard_name(shard_id), err)
+                    log.warning("shard %s failed (%s); retrying", shard_name(shard_id), _task_error(err))
                     retry.append((shard_id, feather, attempt + 1))
                 else:
                     failed[shard_id] = _task_error(err)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import signal
@@ -201,19 +202,21 @@ def test_interrupted_download_resumes_missing_shards_only(server, tmp_path):
     assert len(corpus_samples(str(out))) == 95
 
 
-def test_a_shard_that_cannot_be_finished_fails_alone(server, tmp_path):
+def test_a_shard_that_cannot_be_finished_fails_alone(server, tmp_path, caplog):
     """A shard whose stats file cannot land in the output (a folder holds its name): the other
     shards are finished and kept, no manifest is written, and the error names the shard, its
-    cause and the fix."""
+    cause and the fix; the retry's warning is one line with the same cause."""
     start_local_ray()
     urls = write_url_list(str(tmp_path / "urls.parquet"), server, broken_share=0, n=3 * SHARD, seed=3)
     out = tmp_path / "work" / "corpus"
     (out / "00001_stats.json").mkdir(parents=True)
     cfg = make_config(tmp_path / "work", download={**DOWNLOAD, "url_list": urls.path, "max_shard_retry": 1})
-    with pytest.raises(DownloadError) as failed:
+    with caplog.at_level(logging.WARNING, logger="pipeline.download"), pytest.raises(DownloadError) as failed:
         download(cfg)
     assert str(failed.value).startswith("download (each shard tried 2 times): 1 of 3 shards failed (2 done); "
                                         "re-run the same command to retry them:\n  00001: IsADirectoryError: ")
+    [retried] = [r.getMessage() for r in caplog.records if r.getMessage().endswith("retrying")]
+    assert retried.startswith("shard 00001 failed (IsADirectoryError: ") and "\n" not in retried, retried
     assert not (out / "_manifest.json").exists()
     finished = sorted(p.name for p in out.glob("*_stats.json") if p.is_file())
     assert finished == ["00000_stats.json", "00002_stats.json"]
