@@ -35,6 +35,9 @@ QUIET_LEVELS = {
     # "Failed to send resource request ... safe to ignore" and a GetTimeoutError traceback,
     # from Ray Train's controller when the machine is too loaded to answer within its timeout.
     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": logging.ERROR,
+    # "Started Serve", "Application 'reco' is ready" (`reco serve` says where it listens). Serve
+    # sets this logger to INFO when imported; init_ray, which runs after, sets it back.
+    "ray.serve": logging.WARNING,
     "faiss": logging.WARNING,
     "autofaiss": logging.WARNING,
 }
@@ -56,6 +59,8 @@ CONSOLE_SKIP = {
                            r"startup concurrency",
     # The GCS, killing an actor whose process already went (gcs_server.out, .err).
     "kill actor": r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor",
+    # The raylet, when `serve.shutdown` kills Serve's controller during its own graceful shutdown.
+    "serve shutdown": r"Task ServeController\.graceful_shutdown failed\. .* killed by `ray\.kill`",
 }
 
 

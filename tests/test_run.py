@@ -112,9 +112,12 @@ def test_quiet_console_settings(monkeypatch, caplog):
                  *cluster.QUIET_ENV):
         monkeypatch.setenv(name, "")  # so that monkeypatch restores them after quiet_ray_logging
         monkeypatch.delenv(name)
+    from ray import serve  # noqa: F401  (importing Serve sets its logger to INFO)
+
     levels = {name: logging.getLogger(name).level for name in cluster.QUIET_LEVELS}
     try:
         cluster.quiet_ray_logging()
+        assert not logging.getLogger("ray.serve").isEnabledFor(logging.INFO)  # "Started Serve ..."
         auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
         assert not auth.isEnabledFor(logging.WARNING)
         assert not logging.getLogger("ray.data").isEnabledFor(logging.INFO)
@@ -128,6 +131,9 @@ def test_quiet_console_settings(monkeypatch, caplog):
         assert skip.search("WARNING: 8 PYTHON worker processes have been started on node: ab with address:"
                            " 192.0.2.2, which is 4x the maximum expected startup concurrency (2).")
         assert skip.search("(gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor ab, return status")
+        assert skip.search("(raylet) Task ServeController.graceful_shutdown failed. There are infinite retries "
+                           "remaining, so the task will be retried. Error: The actor is dead because it was killed "
+                           "by `ray.kill`.")
         assert not skip.search("reco: embedded 48 rows")
         assert logging.getLogger("training.loop").isEnabledFor(logging.INFO)
     finally:
