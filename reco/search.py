@@ -326,7 +326,7 @@ class MemoryIndex:
         """`search`, and the cosine (n,k) of images[i] with the image embedding of each pair
         found for queries[i] (-inf where none was): the exact test for near-duplicates,
         made by the shards that hold the embeddings."""
-        return self._search(queries, k, modality, self._queries(images))
+        return self._search(queries, k, modality, images)
 
     def _queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -337,8 +337,10 @@ class MemoryIndex:
     def _search(self, queries: np.ndarray, k: int, modality: Modality, images: np.ndarray | None) -> tuple:
         self._check(modality)
         queries = self._queries(queries)
-        if images is not None and len(images) != len(queries):
-            raise ValueError(f"{len(images)} images for {len(queries)} queries")
+        if images is not None:
+            images = self._queries(images)
+            if len(images) != len(queries):
+                raise ValueError(f"{len(images)} images for {len(queries)} queries")
         if self.distributed:  # one copy in the object store for every shard, not one per call
             queries, images = ray.put(queries), None if images is None else ray.put(images)
         results = self._call("search", [(j, (queries, k, modality, images)) for j in range(len(self.servers))])
@@ -503,9 +505,9 @@ def retrieve(memory: MemoryIndex, queries: np.ndarray, modality: Modality, k: in
     out = np.full((n, k), -1, dtype=np.int64)
     todo = np.arange(n)
     width = k + margin
+    searched = searched_modality(modality, search)
     while todo.size:
         width = min(width, memory.ntotal)
-        searched = searched_modality(modality, search)
         if query_images is None:
             (_, cand), image_cosines = memory.search(queries[todo], width, searched), None
         else:
